@@ -1,0 +1,121 @@
+"""Typed settings for every recipe section: one dataclass a table, one documented field a key.
+
+These are plain dataclasses so the core can be driven from Python without TOML. Each field carries
+its one-line doc and its allowed range in `metadata`; smdlm_cli/recipe.py reads that metadata to
+validate TOML and `--set` overrides generically, and to write recipe documentation.
+What this is not: the TOML parser (recipe.py) or any logic that uses the values.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+        lo_open: bool = False, choices: tuple | None = None):
+    """A recipe key: default, one-line doc, and the range recipe.py enforces.
+
+    lo/hi bound numbers (lo exclusive when lo_open); choices bounds strings.
+    """
+    meta = {"doc": doc, "lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = opt("tiny", "DiT size: tiny (tests, laptops), small (MDLM 169M), medium",
+                      choices=("tiny", "small", "medium"))
+    init: str = opt("", "weights to start from: a run directory, an MDLM directory or a hub name "
+                        "(kuleshov-group/mdlm-owt); empty = random initialisation")
+    length: int = opt(1024, "tokens per sequence block, BOS and EOS included", lo=4)
+    hidden_size: int = opt(0, "width; 0 takes the preset's", lo=0)
+    n_blocks: int = opt(0, "transformer blocks; 0 takes the preset's", lo=0)
+    n_heads: int = opt(0, "attention heads; 0 takes the preset's", lo=0)
+    cond_dim: int = opt(0, "adaLN conditioning width; 0 takes the preset's", lo=0)
+    dropout: float = opt(0.1, "dropout after attention and MLP, as MDLM", lo=0.0, hi=0.9)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("python-stdlib", "python-stdlib (the interpreter's own .py files), an HF dataset "
+                                       "name, or a local .txt/.jsonl/.parquet file or directory")
+    subset: str = opt("", "HF dataset configuration name")
+    split: str = opt("train", "HF split for training (slices allowed: train[:-100000])")
+    valid_split: str = opt("", "HF split for validation; empty = hold out valid_fraction of documents")
+    valid_fraction: float = opt(0.05, "share of documents (files, for python-stdlib) held out for "
+                                      "validation when valid_split is empty", lo=0.0, hi=0.5,
+                                lo_open=True)
+    text_field: str = opt("text", "column or JSON key holding the text")
+    streaming: bool = opt(False, "stream the HF dataset instead of downloading it whole")
+    max_docs: int = opt(0, "use at most this many training documents; 0 = all", lo=0)
+    tokenizer: str = opt("bpe", "bpe = train a byte-level BPE on the corpus, offline; "
+                                "otherwise an HF tokenizer name or path (gpt2)")
+    vocab_size: int = opt(4096, "vocabulary of the trained BPE, special tokens included", lo=260)
+
+
+@dataclass
+class SoftMaskConfig:
+    enabled: bool = opt(True, "train with soft-masking (two passes); false = binary MDLM")
+    k: int = opt(3, "top-k tokens mixed into a soft mask (3 for language, 1 for code)", lo=1)
+    prob: float = opt(0.8, "p_sm: share of batches trained with SM, the rest binary", lo=0.0, hi=1.0)
+    scale: float = opt(1e-6, "initial omega_s, the maximum of lambda", lo=0.0, hi=1.0)
+    centre: float = opt(-0.75, "initial omega_b, the negative entropy where lambda is half its "
+                               "maximum", hi=0.0)
+    steepness: float = opt(6.66, "initial omega_a, the slope of the sigmoid", lo=0.0, lo_open=True)
+    temperature: float = opt(0.0, "initial temperature of the tempered variant; 0 = plain top-k "
+                                  "mixing, no temperature parameter", lo=0.0)
+    lr: float = opt(1e-2, "learning rate of the omega parameters", lo=0.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(1000, "optimizer steps", lo=1)
+    batch_size: int = opt(32, "sequences per optimizer step, over all ranks", lo=1)
+    micro_batch_size: int = opt(0, "sequences per forward on one rank; 0 = the whole per-rank batch "
+                                   "(no gradient accumulation)", lo=0)
+    lr: float = opt(3e-4, "peak learning rate of the backbone", lo=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (backbone only)", lo=0.0)
+    betas: list = opt([0.9, 0.999], "AdamW betas")
+    warmup: int = opt(2500, "linear warm-up steps", lo=0)
+    schedule: str = opt("constant", "after warm-up: constant, or cosine down to 0",
+                        choices=("constant", "cosine"))
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 = off", lo=0.0)
+    ema: float = opt(0.9999, "EMA decay of the backbone weights; 0 = off", lo=0.0, hi=1.0)
+    t_min: float = opt(1e-3, "lowest diffusion time sampled in training", lo=0.0, hi=1.0,
+                       lo_open=True)
+    t_max: float = opt(1.0, "highest diffusion time sampled in training", lo=0.0, hi=1.0,
+                       lo_open=True)
+    antithetic: bool = opt(True, "stratify the times of a batch (lower-variance ELBO estimate)")
+    seed: int = opt(1, "seed of everything random in the run", lo=0)
+    save_every: int = opt(1000, "write the run directory every this many steps", lo=1)
+    eval_every: int = opt(500, "validation ELBO every this many steps", lo=1)
+    eval_batches: int = opt(8, "micro-batches of validation data per evaluation", lo=1)
+    log_every: int = opt(10, "metrics.jsonl line every this many steps", lo=1)
+    max_forward_passes: int = opt(0, "stop once this many model forwards ran (iso-compute budget); "
+                                     "0 = no limit", lo=0)
+    precision: str = opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+                         choices=("auto", "fp32", "bf16"))
+    grad_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "softmask": SoftMaskConfig,
+            "train": TrainConfig}
+
+
+@dataclass
+class Recipe:
+    """A whole recipe: one dataclass per TOML table."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """key -> one-line doc, for help texts and generated documentation."""
+    return {f.name: f.metadata.get("doc", "") for f in fields(cls)}

@@ -1,0 +1,123 @@
+"""Decoding speed of every sampler, binary against soft-masked: same model, same seeds, same NFE.
+
+    python benchmarks/sample_speed.py [--vocab 32768] [--hidden 256] [--blocks 4] [--heads 4]
+                                      [--length 256] [--batch 8] [--steps 16] [--repeats 3]
+                                      [--samplers mdlm,remdm-cap,remdm-loop,confidence]
+                                      [--sm-k 3] [--device auto]
+
+Unconditional generation of batch x length tokens. The mask plan and the k table never depend on
+the model's predictions, so binary and SM runs with the same seeds run exactly the same forwards
+(the NFE column checks it). Binary and SM runs alternate, so machine noise hits both alike; medians
+are reported. Step time = wall time / forwards, which is what SM can add to (its feedback needs no
+extra forward). Uses the project's DiT when smdlm_cli.core.models.dit is importable, else a stand-in
+of the same shape (embedding, pre-norm bidirectional transformer blocks, untied head).
+Ends with the line `sm/binary step time ratio: X` for the mdlm sampler.
+
+This is not a quality benchmark: the model is untrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from smdlm_cli.core.samplers import SAMPLERS, decode
+from smdlm_cli.core.softmask import SoftMask
+
+
+class StandIn(nn.Module):
+    """A DiT-shaped Denoiser (no time conditioning) for when the real DiT is not importable."""
+
+    def __init__(self, vocab_size: int, hidden: int, blocks: int, heads: int):
+        super().__init__()
+        self.vocab_size, self.mask_id = vocab_size, vocab_size - 1
+        self.embed = nn.Embedding(vocab_size, hidden)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def embedding_weight(self):
+        return self.embed.weight
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        pad = None if attention_mask is None else ~attention_mask.bool()
+        return self.head(self.blocks(h, src_key_padding_mask=pad))
+
+
+def build_model(args, device):
+    torch.manual_seed(0)
+    try:
+        from smdlm_cli.core.models.dit import build_dit
+    except ImportError:
+        return StandIn(args.vocab, args.hidden, args.blocks, args.heads).to(device), "stand-in"
+    model = build_dit("tiny", args.vocab, args.vocab - 1, args.length, hidden_dim=args.hidden,
+                      n_blocks=args.blocks, n_heads=args.heads, dropout=0.0)
+    return model.to(device), "DiT"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samplers", default=",".join(SAMPLERS))
+    ap.add_argument("--sm-k", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    model, kind = build_model(args, device)
+    # mid-range omegas so lambda is neither 0 nor saturated: the feedback does its full work
+    softmask = SoftMask(k=args.sm_k, scale=0.5, centre=-4.0, steepness=2.0).to(device)
+    x = torch.full((args.batch, args.length), model.mask_id, dtype=torch.long, device=device)
+    seeds = list(range(args.batch))
+    extra = {"confidence": {"temperature": 1.0}}
+
+    def run(sampler: str, sm: SoftMask | None) -> tuple[float, int]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = decode(model, x, sampler=sampler, steps=args.steps, softmask=sm,
+                     generator_seeds=seeds, **extra.get(sampler, {}))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out.nfe
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"device {device}, {kind} {n_params / 1e6:.1f}M parameters, vocab {args.vocab}, "
+          f"batch {args.batch} x {args.length}, {args.steps} steps, median of {args.repeats}")
+    print(f"{'sampler':<11} {'NFE':>4} {'binary tok/s':>13} {'SM tok/s':>9} "
+          f"{'binary ms/fwd':>14} {'SM ms/fwd':>10} {'SM/binary':>10}")
+    ratios = {}
+    for sampler in args.samplers.split(","):
+        run(sampler, None)  # warm-up: allocator, kernels
+        times = {"binary": [], "sm": []}
+        nfe = {}
+        for _ in range(args.repeats):
+            for mode, sm in (("binary", None), ("sm", softmask)):
+                wall, nfe[mode] = run(sampler, sm)
+                times[mode].append(wall)
+        if nfe["binary"] != nfe["sm"]:
+            raise SystemExit(f"{sampler}: NFE differs, binary {nfe['binary']} vs SM {nfe['sm']}")
+        b, s = statistics.median(times["binary"]), statistics.median(times["sm"])
+        tokens = args.batch * args.length
+        ratios[sampler] = s / b
+        print(f"{sampler:<11} {nfe['sm']:>4} {tokens / b:>13,.0f} {tokens / s:>9,.0f} "
+              f"{b / nfe['binary'] * 1e3:>14.1f} {s / nfe['sm'] * 1e3:>10.1f} {s / b:>10.3f}")
+    if "mdlm" in ratios:
+        print(f"sm/binary step time ratio: {ratios['mdlm']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Time a soft-masked training step against a binary one: same model, same batch, one run.
+
+    python benchmarks/train_step.py [--preset tiny] [--hidden 256] [--blocks 4] [--length 256]
+                                    [--batch 8] [--vocab 4096] [--iters 10] [--device auto]
+
+A step is the whole optimizer step: forward(s), loss, backward, AdamW. The SM step adds a pass-1
+forward under no_grad and the sparse top-k mixing, so its ideal cost is about 4/3 of a binary step
+(a backward costs about two forwards). SM and binary steps alternate, so machine noise hits both
+alike; the medians are compared. Ends with the line `sm/binary step time ratio: X`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from smdlm_cli.core import diffusion
+from smdlm_cli.core.models.dit import build_dit
+from smdlm_cli.core.softmask import SoftMask
+from smdlm_cli.core.trainer import TwoPass, _autocast
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(0)
+    mask_id = args.vocab - 1
+    backbone = build_dit(args.preset, args.vocab, mask_id, args.length, hidden_dim=args.hidden,
+                         n_blocks=args.blocks, n_heads=args.heads, dropout=0.1)
+    model = TwoPass(backbone, SoftMask(k=3, scale=0.5)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x0 = torch.randint(0, mask_id, (args.batch, args.length), device=device)
+    t = diffusion.sample_t(args.batch, device=device)
+    xt = diffusion.q_xt(x0, t, mask_id)
+
+    def step(use_sm: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with _autocast(device, "auto"):
+            logits = model(xt, use_sm)
+        loss = diffusion.elbo_per_token(logits, x0, xt, t, mask_id).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(2):  # warm-up: allocator, kernels
+        step(False)
+        step(True)
+    binary, sm = [], []
+    for _ in range(args.iters):
+        binary.append(step(False))
+        sm.append(step(True))
+    b, s = statistics.median(binary), statistics.median(sm)
+    n_params = sum(p.numel() for p in backbone.parameters())
+    tokens = args.batch * args.length
+    print(f"device {device}, {n_params / 1e6:.2f}M parameters, batch {args.batch} x {args.length}, "
+          f"vocab {args.vocab}, {args.iters} steps each")
+    print(f"binary step: {b * 1e3:8.1f} ms  ({tokens / b:,.0f} tokens/s)")
+    print(f"SM step:     {s * 1e3:8.1f} ms  ({tokens / s:,.0f} tokens/s)")
+    print(f"sm/binary step time ratio: {s / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""`smdlm sample`: generation with the MDLM, ReMDM and confidence samplers, SM feedback and caching.
+
+Not built yet: `run` says so as a UserError (exit 2, one line) instead of pretending to work. The
+issue that builds sampling replaces this module and the command's options in app.py.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+from smdlm_cli.core.errors import UserError
+
+
+def run() -> NoReturn:
+    raise UserError("smdlm sample: not available yet in this version")

@@ -1,0 +1,157 @@
+"""Run directories: what a training run leaves behind, and how to read it back or resume it.
+
+    runs/NAME/
+      recipe.toml            the resolved recipe (written by the command that started the run)
+      config.json            model config, MDLM-HF key names (kuleshov-group/mdlm-owt layout)
+      model.safetensors      backbone.* weights: the EMA weights when EMA is on (what sampling uses)
+      softmask.json          omega values + raw parameters + k (SM runs only)
+      transparency_config.json   the same omega in the official code's key names
+      tokenizer/             the tokenizer, mask token included
+      metrics.jsonl          one JSON object a line
+      state/latest           name of the newest complete state directory
+      state/step-NNNNNNN/    raw weights, EMA, optimizer, trainer.json: everything for exact resume
+
+Every file is written atomically (temporary name, then rename), and `state/latest` is switched
+only after a state directory is complete, so a process killed at any moment leaves a run that
+loads and resumes. Safetensors and JSON only: nothing is ever unpickled.
+Not here: the training loop (trainer.py) or model architectures (models/).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.io import (atomic_save_tensors, atomic_write_json, atomic_write_text,
+                               load_tensors, read_json)
+from smdlm_cli.core.softmask import SoftMask
+
+STATE = "state"
+
+
+# --- the published model ----------------------------------------------------------------------
+def save_softmask(run_dir: Path, softmask: SoftMask) -> None:
+    atomic_write_json(run_dir / "softmask.json", softmask.to_dict())
+    atomic_write_json(run_dir / "transparency_config.json", softmask.to_official())
+
+
+def load_softmask(path: str | Path) -> SoftMask | None:
+    """SoftMask from a run directory (softmask.json, else transparency_config.json) or a JSON file.
+
+    None when the run has no soft-masking (a binary run, or an official binary config).
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("softmask.json", "transparency_config.json"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            return None
+    try:
+        d = read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"softmask file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if d.get("transparency_alg") == "none":
+        return None
+    return SoftMask.from_dict(d, source=str(path))
+
+
+def find_latest_run(root: str | Path = "runs") -> Path:
+    """The most recently written run directory under `root` (by its model.safetensors)."""
+    root = Path(root)
+    runs = [p.parent for p in root.glob("*/model.safetensors")]
+    if not runs:
+        raise UserError(f"no run found under {root}/: train one first, e.g. "
+                        f"`smdlm pretrain recipes/quickstart.toml`, or pass --ckpt DIR")
+    return max(runs, key=lambda p: (p / "model.safetensors").stat().st_mtime)
+
+
+# --- resumable training state -------------------------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{idx}.{key}"] = val
+            else:
+                scalars[f"{idx}.{key}"] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, val in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_state(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
+               optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
+               trainer: dict, keep: int = 1) -> Path:
+    """Write state/step-NNNNNNN/ completely, then point state/latest at it, then prune old ones."""
+    state_root = run_dir / STATE
+    d = state_root / f"step-{step:07d}"
+    if d.exists():  # a leftover of a run killed while writing this very step
+        shutil.rmtree(d)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    atomic_save_tensors(d / "weights.safetensors", weights)
+    atomic_save_tensors(d / "optimizer.safetensors", opt_tensors)
+    atomic_write_json(d / "optimizer.json", opt_meta)
+    if ema is not None:
+        atomic_save_tensors(d / "ema.safetensors", ema)
+    atomic_write_json(d / "trainer.json", {**trainer, "step": step})
+    atomic_write_text(state_root / "latest", d.name + "\n")
+    for old in sorted(state_root.glob("step-*"))[:-keep]:
+        if old.name != d.name:
+            shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    pointer = run_dir / STATE / "latest"
+    if not pointer.exists():
+        return None
+    d = run_dir / STATE / pointer.read_text().strip()
+    return d if (d / "trainer.json").exists() else None
+
+
+def load_state(state_dir: Path, device="cpu") -> dict:
+    """weights, optimizer state_dict, ema (or None) and the trainer dict of one state directory."""
+    ema_path = state_dir / "ema.safetensors"
+    return {
+        "weights": load_tensors(state_dir / "weights.safetensors", device),
+        "optimizer": _unflatten_optimizer(load_tensors(state_dir / "optimizer.safetensors", device),
+                                          read_json(state_dir / "optimizer.json")),
+        "ema": load_tensors(ema_path, device) if ema_path.exists() else None,
+        "trainer": read_json(state_dir / "trainer.json"),
+    }
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics lines written after `step` (by a run killed before its next checkpoint)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    # Appends are not atomic, but a torn last line is dropped by truncate_metrics on resume.
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

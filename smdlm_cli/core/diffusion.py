@@ -1,0 +1,81 @@
+"""Masked (absorbing-state) diffusion maths of MDLM: schedule, forward process, time sampling, SUBS, ELBO.
+
+Log-linear schedule alpha_t = 1 - (1 - eps) t with eps = 1e-3, as the official code hard-codes it:
+a token is masked at time t with probability 1 - alpha_t, and the continuous-time ELBO weight
+-alpha'_t / (1 - alpha_t) is exactly 1/t. The SUBS parameterisation never predicts [MASK] and carries
+unmasked tokens over, so only masked positions contribute to the loss.
+
+Not here: models, soft-masking, samplers (which use `subs_log_probs`), the training loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-3
+NEG_INF = -1e6  # the official code's "minus infinity": finite, so 0 * logp stays 0 in entropies
+
+
+def alpha(t: Tensor) -> Tensor:
+    """Share of tokens still clean at time t."""
+    return 1 - (1 - EPS) * t
+
+
+def mask_prob(t: Tensor) -> Tensor:
+    """Probability that a token is masked at time t: 1 - alpha_t."""
+    return (1 - EPS) * t
+
+
+def loss_weight(t: Tensor) -> Tensor:
+    """-alpha'_t / (1 - alpha_t) = 1/t: the ELBO weight of a masked token's cross-entropy."""
+    return 1.0 / t
+
+
+def sample_t(n: int, t_min: float = EPS, t_max: float = 1.0, antithetic: bool = True,
+             generator: torch.Generator | None = None, device=None) -> Tensor:
+    """n diffusion times in [t_min, t_max]; antithetic = one per stratum of [0, 1) (lower variance)."""
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    if antithetic:
+        u = (u / n + torch.arange(n, device=device, dtype=torch.float64) / n) % 1
+    return (t_min + (t_max - t_min) * u).float()
+
+
+def q_xt(x0: Tensor, t: Tensor, mask_id: int, generator: torch.Generator | None = None,
+         maskable: Tensor | None = None, u: Tensor | None = None) -> Tensor:
+    """Sample x_t ~ q(x_t | x_0): each token independently masked with probability 1 - alpha_t.
+
+    t has one value per row. `maskable` (B, L) bool restricts masking (fine-tuning never masks the
+    prompt). `u` (B, L) uniform noise may be given instead of a generator.
+    """
+    if u is None:
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    is_mask = u < mask_prob(t).to(x0.device).unsqueeze(-1)
+    if maskable is not None:
+        is_mask &= maskable
+    return torch.where(is_mask, torch.full_like(x0, mask_id), x0)
+
+
+def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
+    """SUBS: log p_theta(x_0 | x_t) in fp32 with [MASK] never predicted and unmasked tokens carried over."""
+    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), NEG_INF)
+    logp = torch.log_softmax(logits, dim=-1)
+    carry = torch.full_like(logp, NEG_INF).scatter_(-1, xt.unsqueeze(-1), 0.0)
+    return torch.where((xt != mask_id).unsqueeze(-1), carry, logp)
+
+
+def masked_nll(logits: Tensor, x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:
+    """-log p_theta(x_0 | x_t) per position (B, L) in fp32; 0 at unmasked positions (SUBS carry-over).
+
+    The [MASK] logit is excluded from the softmax, as SUBS does.
+    """
+    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), NEG_INF)
+    labels = torch.where(xt == mask_id, x0, torch.full_like(x0, -100))
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return nll.view_as(x0)
+
+
+def elbo_per_token(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int) -> Tensor:
+    """The MDLM continuous-time ELBO term of each position: masked_nll / t (B, L)."""
+    return masked_nll(logits, x0, xt, mask_id) * loss_weight(t).unsqueeze(-1)

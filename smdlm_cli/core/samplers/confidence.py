@@ -1,0 +1,226 @@
+"""Dream/LLaDA-style confidence decoding: each step commits the k most confident masked positions.
+
+Dream's `diffusion_generate` semantics: time grid linspace(1, 1e-3, steps + 1); at step i a row
+with n masked positions commits k_i = int(n * (1 - s/t)) of them (float32 arithmetic, truncation),
+all remaining ones at the last step, so steps = L gives 0, 1, ..., 1, 2 tokens per step. Candidate
+tokens and confidences come from Dream's `sample_tokens` on the SUBS log-probabilities: logits / T,
+Hugging Face top-p, top-k, softmax; a float64 categorical draw if T > 0, else argmax. Confidence:
+maskgit_plus = p(x0), topk_margin = p1 - p2, entropy = sum p log(p + 1e-10) (higher = surer);
+'origin' commits each masked position with probability 1 - s/t whatever its confidence. With
+alg_temp > 0 positions are drawn from softmax(conf / alg_temp) without replacement, by Gumbel-top-k.
+LLaDA's semi-autoregressive blocks (`block_length`): the generation region of each row (from its
+first masked position) is cut into blocks, steps are split evenly among them, positions outside the
+current block are not candidates, and k uses the same formula on the block's masks and grid.
+
+Deliberate deviation: Dream uses the batch-mean mask count for k (the same k for every row); here
+k is per row, from the row's own count, so a row decodes the same in any batch and alone. For
+batches of equal rows the two agree. Since k is a function of the counts only, the whole table is
+computed on the host before the loop; committed tokens and the prompt never change. Where the
+confidence ignores the sampled token (topk_margin, entropy) only the k committed positions draw a
+token: the same distribution as Dream's draw at every candidate, k instead of n float64 races.
+
+Not here: the model forward, SM feedback and step skipping (loop.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from smdlm_cli.core.samplers.common import (categorical_fp64, gumbels, nucleus_hf, positions,
+                                            top_k_filter, with_temperature)
+from smdlm_cli.core.samplers.mdlm import MaskChain, gen_uniforms
+from smdlm_cli.core.errors import UserError
+
+GRID_EPS = 1e-3  # Dream's default eps
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+# The paper's coding evaluation uses alg entropy; the rest are Dream's diffusion_generate defaults.
+OPTIONS = {"alg": "entropy", "temperature": 0.0, "top_p": 1.0, "top_k": None, "alg_temp": 0.0,
+           "block_length": None}
+
+
+def filtered_probs(lp: Tensor, o: dict, mask_id: int) -> Tensor:
+    """Dream's candidate distribution on log-prob rows (N, V): / T, HF top-p, top-k, softmax."""
+    logits = with_temperature(lp, o["temperature"])
+    logits[:, mask_id] = torch.finfo(logits.dtype).min  # SUBS excludes it; keep it so after T
+    return top_k_filter(nucleus_hf(logits, o["top_p"]), o["top_k"]).softmax(-1)
+
+
+def sample_tokens(lp: Tensor, generators: Sequence[torch.Generator], counts: Sequence[int],
+                  o: dict, mask_id: int, draw: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Dream's sample_tokens on log-prob rows (N, V): (confidence (N,), candidate token (N,)).
+
+    draw=False skips the categorical draw (candidate None) where the confidence does not depend on
+    it (topk_margin, entropy): the caller then draws only at the positions it commits.
+    """
+    probs = filtered_probs(lp, o, mask_id)
+    x0 = None
+    if o["temperature"] == 0:
+        conf, x0 = probs.max(-1)
+    elif draw or o["alg"] == "maskgit_plus":
+        x0 = categorical_fp64(probs, generators, counts)
+        conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+    if o["alg"] == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        conf = top2[:, 0] - top2[:, 1]
+    elif o["alg"] == "entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    return conf, x0
+
+
+def step_fractions(steps: int) -> list[float]:
+    """Dream's float32 1 - s/t per step of a grid with `steps` steps (the last one unused)."""
+    grid = torch.linspace(1.0, GRID_EPS, steps + 1, dtype=torch.float32)
+    return (1 - grid[1:] / grid[:-1]).tolist()
+
+
+def transfer_table(block_counts: list[list[int]], steps_per_block: int) -> list[list[int]]:
+    """k[step][row]: tokens committed per step, from n[row][block] masks per block.
+
+    Within a block, k = int(n_now * (1 - s/t)) in float32, and all remaining masks at its last step.
+    """
+    frac = torch.tensor(step_fractions(steps_per_block), dtype=torch.float32)
+    table = []
+    n_blocks = len(block_counts[0]) if block_counts else 0
+    for j in range(n_blocks):
+        left = torch.tensor([row[j] for row in block_counts], dtype=torch.int64)
+        for local in range(steps_per_block):
+            k = left if local == steps_per_block - 1 else (left.float() * frac[local]).long()
+            table.append(k.tolist())
+            left = left - k
+    return table
+
+
+@dataclass
+class ConfidenceTransition:
+    """Commits k[i][b] positions of row b at step i, chosen by confidence within the current block."""
+
+    k: list[list[int]]              # [step][row], host
+    candidates: list[list[int]]     # [step][row]: masks in the row's current block before the step
+    masks_left: list[list[int]]     # [step][row]: all masks of the row after the step
+    k_dev: Tensor                   # (steps, B) long on the device
+    in_block: Tensor                # (n_blocks, B, L) bool on the device
+    steps_per_block: int
+    generators: Sequence[torch.Generator]
+    options: dict
+    mask_id: int
+
+    @property
+    def changes(self) -> list[list[bool]]:
+        return [[k > 0 for k in row] for row in self.k]
+
+    @property
+    def noise_removal(self) -> list[bool]:
+        return [False] * self.k_dev.shape[1]  # the last step of every block commits all its masks
+
+    def step(self, i: int, x: Tensor, logp: Tensor, rows: Sequence[int]) -> Tensor:
+        """x after step i: each listed row commits its k most confident candidates."""
+        B, L = x.shape
+        o, flat = self.options, logp.reshape(B * L, -1)
+        counts = [self.candidates[i][b] for b in rows]
+        gens = [self.generators[b] for b in rows]
+        cand = (x == self.mask_id) & self.in_block[i // self.steps_per_block]
+        idx = positions(cand, rows, counts)
+        # a confidence that ignores the sampled token lets us draw only the k committed tokens
+        late = o["temperature"] > 0 and o["alg"] != "maskgit_plus"
+        conf, x0 = sample_tokens(flat.index_select(0, idx), gens, counts, o, self.mask_id,
+                                 draw=not late)
+        if o["alg_temp"] > 0:  # Gumbel-top-k = sampling softmax(conf/T) w/o replacement (fp64)
+            conf = conf.double() / o["alg_temp"] + gumbels(gens, counts, x.device)
+        full = torch.full((B * L,), float("-inf"), dtype=conf.dtype, device=x.device)
+        full = full.index_copy(0, idx, conf).view(B, L)
+        # a stable sort, not topk: ties break by position whatever k, so rows do not interact
+        k_max = max(self.k[i][b] for b in rows)
+        chosen_idx = full.sort(dim=-1, descending=True, stable=True).indices[:, :k_max]
+        keep = torch.arange(k_max, device=x.device)[None] < self.k_dev[i][:, None]
+        chosen = torch.zeros_like(cand).scatter_(1, chosen_idx, keep)
+        if late:
+            ks = [self.k[i][b] for b in rows]
+            committed = positions(chosen, rows, ks)
+            probs = filtered_probs(flat.index_select(0, committed), o, self.mask_id)
+            tokens = categorical_fp64(probs, gens, ks)
+            return x.reshape(-1).index_copy(0, committed, tokens).view_as(x)
+        proposal = x.reshape(-1).index_copy(0, idx, x0).view_as(x)
+        return torch.where(chosen, proposal, x)
+
+
+def _blocks(gen_host: Tensor, block_length: int | None) -> Tensor:
+    """Block index (B, L) of every position to generate (-1 elsewhere), from each row's first mask."""
+    B, L = gen_host.shape
+    pos = torch.arange(L).expand(B, L)
+    first = torch.where(gen_host, pos, L).min(-1, keepdim=True).values
+    block = (pos - first) // block_length if block_length else torch.zeros_like(pos)
+    return torch.where(gen_host, block, -1)
+
+
+def build(gen: Tensor, gen_host: Tensor, generators: Sequence[torch.Generator], steps: int,
+          mask_id: int, options: dict):
+    """The confidence transition (or, for alg 'origin', its planned mask chain) for positions `gen`."""
+    block = _blocks(gen_host, options["block_length"])
+    n_blocks = max(int(block.max()) + 1, 1)
+    if steps % n_blocks:
+        raise UserError(f"steps = {steps}, expected a multiple of the number of blocks {n_blocks} "
+                        f"(generation length / block_length {options['block_length']})")
+    spb = steps // n_blocks
+    device = gen.device
+    block_dev = block.to(device)
+    if options["alg"] == "origin":
+        return MaskChain(_plan_origin(gen, gen_host, block_dev, generators, steps, spb), generators,
+                         _origin_draw(options, mask_id), mask_id)
+    counts = [[int((row == j).sum()) for j in range(n_blocks)] for row in block]
+    k = transfer_table(counts, spb)
+    # masks left in the current block before each step: the block's count minus what was committed
+    candidates, left = [], None
+    for i, ks in enumerate(k):
+        if i % spb == 0:
+            left = [row[i // spb] for row in counts]
+        candidates.append(left)
+        left = [n - kk for n, kk in zip(left, ks)]
+    masks_left, left = [], [sum(row) for row in counts]
+    for ks in k:
+        left = [n - kk for n, kk in zip(left, ks)]
+        masks_left.append(left)
+    in_block = torch.stack([block_dev == j for j in range(n_blocks)])
+    return ConfidenceTransition(k, candidates, masks_left,
+                                torch.tensor(k, dtype=torch.long, device=device), in_block, spb,
+                                generators, options, mask_id)
+
+
+def _plan_origin(gen: Tensor, gen_host: Tensor, block: Tensor,
+                 generators: Sequence[torch.Generator], steps: int, spb: int) -> Tensor:
+    """Dream 'origin' as a mask chain: within its block a position unmasks w.p. 1 - s/t per step
+    (U <= t_local keeps it masked) and surely at the block's last step."""
+    grid = torch.linspace(1.0, GRID_EPS, spb + 1, dtype=torch.float64, device=gen.device)
+    grid[-1] = -1.0  # the last local state: nothing stays masked
+    u = gen_uniforms(gen, gen_host.sum(-1).tolist(), generators)[..., 0]
+    state = torch.arange(steps + 1, device=gen.device)[:, None, None]
+    local = (state - block.clamp_min(0)[None] * spb).clamp(0, spb)
+    return (u[None] <= grid[local]) & gen[None]
+
+
+def _origin_draw(options: dict, mask_id: int):
+    def draw(lp: Tensor, generators: Sequence[torch.Generator], counts: Sequence[int]) -> Tensor:
+        return sample_tokens(lp, generators, counts, options, mask_id)[1]
+    return draw
+
+
+def check_options(o: dict) -> list[str]:
+    """Problems with the confidence sampler's options, one line each."""
+    bad = []
+    if o["alg"] not in ALGS:
+        bad.append(f"alg = {o['alg']!r}, expected one of {', '.join(ALGS)}")
+    if not o["temperature"] >= 0.0:
+        bad.append(f"temperature = {o['temperature']}, expected a number >= 0 (0 = argmax)")
+    if not 0.0 < o["top_p"] <= 1.0:
+        bad.append(f"top_p = {o['top_p']}, expected a number in (0, 1]")
+    if o["top_k"] is not None and not (isinstance(o["top_k"], int) and o["top_k"] >= 1):
+        bad.append(f"top_k = {o['top_k']}, expected an integer >= 1 or None")
+    if not o["alg_temp"] >= 0.0:
+        bad.append(f"alg_temp = {o['alg_temp']}, expected a number >= 0 (0 = top-k)")
+    bl = o["block_length"]
+    if bl is not None and not (isinstance(bl, int) and bl >= 1):
+        bad.append(f"block_length = {bl}, expected an integer >= 1 or None")
+    return bad

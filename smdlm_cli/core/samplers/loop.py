@@ -1,0 +1,262 @@
+"""The one decoding loop: model forwards, SM feedback, step skipping, NFE accounting, tracing.
+
+A transition (mdlm.py, confidence.py) decides which positions change at a step and to what. Which
+rows change at which step never depends on the model's predictions, so every transition knows it
+before the loop: the MDLM family draws its whole mask-state chain up front, the confidence sampler
+computes its per-row k table from the mask counts. The loop reads that plan once on the host and
+then never waits for the device: Python branches only on plan data, never on tensor values (no
+.item(), .tolist(), nonzero() or boolean-mask indexing inside the loop), so a GPU runs ahead.
+
+Step skipping. A step where no row changes runs no forward and draws nothing. The official MDLM /
+ReMDM sampler instead runs the forward at the first such step and reuses that p_x0 (and, under SM,
+leaves the feedback untouched) until a step changes something. Its forward sees the same x and the
+same feedback as ours, which runs at the next changing step instead: same p, same draws in
+distribution, fewer forwards. Per row the same holds: a row's feedback is refreshed only by forwards
+at steps where that row changes (or every forward with `exact`), so a row decodes the same in any
+batch and alone. With SM, `exact=True` runs a forward at every step, so the feedback keeps refining
+while x stands still (Dream's own loop does that); without SM it changes nothing.
+
+Host transfers, all before the loop: the positions to generate, and for the MDLM family the plan.
+Not here: the transitions' rules, model code, the CLI.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from smdlm_cli.core.diffusion import subs_log_probs
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.samplers import confidence, mdlm
+from smdlm_cli.core.samplers.common import positions, row_generators
+from smdlm_cli.core.softmask import SoftMask
+
+SAMPLERS = ("mdlm", "remdm-cap", "remdm-loop", "confidence")
+SM_SCHEDULES = ("none", "linear", "stepwise")
+
+
+@dataclass
+class DecodeResult:
+    tokens: Tensor            # (B, L) long
+    nfe: int                  # model forwards run, the noise-removal one included
+    steps: int
+    skipped: int              # steps without a forward
+    trace: dict | None = None
+
+
+def validate_sampler_args(sampler: str, **kwargs) -> dict:
+    """The sampler's options with defaults filled in; UserError (one line) for a bad one."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"sampler = {sampler!r}, expected one of {', '.join(SAMPLERS)}")
+    steps = kwargs.pop("steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise UserError(f"steps = {steps!r}, expected an integer >= 1")
+    defaults = confidence.OPTIONS if sampler == "confidence" else mdlm.OPTIONS[sampler]
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise UserError(f"sampler {sampler}: unknown option {unknown[0]!r}, expected one of "
+                        f"{', '.join(defaults)}")
+    options = {**defaults, **{k: v for k, v in kwargs.items() if v is not None}}
+    for key, value in options.items():
+        if isinstance(defaults[key], float) and (isinstance(value, bool)
+                                                 or not isinstance(value, (int, float))):
+            raise UserError(f"sampler {sampler}: {key} = {value!r}, expected a number")
+    if sampler == "confidence":
+        bad = confidence.check_options(options)
+    else:
+        bad = mdlm.check_options(sampler, options)
+    if bad:
+        raise UserError(f"sampler {sampler}: {bad[0]}")
+    return options
+
+
+class _Feedback:
+    """SM input of the next forward: lambda, top-k ids and pi of each row's own last forward.
+
+    Computed right after a transition step, from that forward's log p, only at the positions masked
+    in the new x (the next forward's masks: skipped steps change nothing). That is the whole cost
+    of SM at inference: one pass over V per mask. On the CPU the rows go through SoftMask in chunks
+    of a few MB: the temporaries then come from the allocator's heap and stay in cache, where a
+    (masks, V) temporary would be a fresh mmap, page-faulted in at every step (several times slower).
+    """
+
+    CPU_CHUNK_BYTES = 8 << 20
+
+    def __init__(self, softmask: SoftMask, weight: Tensor, real: Tensor, n_start: Tensor,
+                 schedule: str, mask_id: int):
+        B, L = real.shape
+        self.softmask, self.weight, self.real, self.mask_id = softmask, weight, real, mask_id
+        self.n_start, self.schedule = n_start.clamp_min(1), schedule
+        # rows without a forward of their own yet get lam = 0, i.e. exactly E[x] (no feedback)
+        self.lam = torch.zeros(B, L, device=real.device)
+        self.top_idx = torch.zeros(B, L, softmask.k, dtype=torch.long, device=real.device)
+        self.pi = torch.zeros(B, L, softmask.k, device=real.device)
+
+    def update(self, logp: Tensor, x: Tensor, rows: Sequence[int], counts: Sequence[int]) -> None:
+        """Refresh rows `rows` from this forward's logp at the masks of x (counts[j] in rows[j]).
+
+        A position ReMDM just remasked gets the one-hot feedback of its carried-over token, as in
+        the official code. Entries of other positions go stale harmlessly: `embeds` multiplies
+        lambda by the current mask.
+        """
+        n, vocab = sum(counts), logp.shape[-1]
+        idx = positions((x == self.mask_id) & self.real, rows, counts)
+        flat = logp.reshape(-1, vocab)
+        chunk = n if logp.is_cuda else max(1, self.CPU_CHUNK_BYTES // (4 * vocab))
+        for start in range(0, n, chunk):
+            j = idx[start:start + chunk]
+            size = min(chunk, n - start)
+            lam, top_idx, pi = self.softmask.feedback(
+                flat[j], torch.ones(size, dtype=torch.bool, device=j.device), normalized=True)
+            self.lam.view(-1).index_copy_(0, j, lam)
+            self.top_idx.view(-1, self.softmask.k).index_copy_(0, j, top_idx)
+            self.pi.view(-1, self.softmask.k).index_copy_(0, j, pi)
+
+    def embeds(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs_embeds, lam used (B, L), is_mask (B, L)) for the forward on x."""
+        is_mask = (x == self.mask_id) & self.real
+        lam = self.lam * is_mask
+        if self.schedule != "none":
+            t_dec = is_mask.sum(-1) / self.n_start  # share of the row's masks still to decode
+            factor = t_dec if self.schedule == "linear" else (t_dec > 0.5).to(t_dec.dtype)
+            lam = lam * factor[:, None]
+        return SoftMask.mix(x, lam, self.top_idx, self.pi, self.weight), lam, is_mask
+
+
+def _build(sampler: str, gen: Tensor, gen_host: Tensor, generators, steps: int, mask_id: int,
+           options: dict):
+    if sampler == "confidence":
+        return confidence.build(gen, gen_host, generators, steps, mask_id, options)
+    return mdlm.build(sampler, gen, gen_host.sum(-1).tolist(), generators, steps, mask_id, options)
+
+
+def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | None = None,
+           generator_seeds: Sequence[int], attention_mask: Tensor | None = None,
+           sm_schedule: str = "none", exact: bool = False, trace: bool = False,
+           **sampler_kwargs) -> DecodeResult:
+    """Decode the masked positions of x (B, L) with `sampler`; see the module docstring.
+
+    x holds the prompt / fixed tokens and model.mask_id where tokens are to be generated (anywhere:
+    infilling works). attention_mask (B, L) marks real positions (right padding): pads are never
+    attended and returned unchanged. Row b draws every random number from a generator seeded with
+    generator_seeds[b]. `softmask` on the model's device, None for binary decoding.
+    """
+    options = validate_sampler_args(sampler, steps=steps, **sampler_kwargs)
+    if sm_schedule not in SM_SCHEDULES:
+        raise UserError(f"sm_schedule = {sm_schedule!r}, expected one of {', '.join(SM_SCHEDULES)}")
+    if x.dim() != 2:
+        raise UserError(f"x has shape {tuple(x.shape)}, expected (batch, length)")
+    if len(generator_seeds) != x.shape[0]:
+        raise UserError(f"{len(generator_seeds)} generator seeds for a batch of {x.shape[0]} rows, "
+                        "expected one seed per row")
+    mask_id, weight = model.mask_id, model.embedding_weight()
+    device = weight.device
+    x = x.to(device)
+    real = (torch.ones_like(x, dtype=torch.bool) if attention_mask is None
+            else attention_mask.to(device).bool())
+    model_mask = None if attention_mask is None else attention_mask.to(device)
+    gen = (x == mask_id) & real
+    gen_host = gen.cpu()  # host transfer: the positions to generate (counts, blocks)
+    generators = row_generators(generator_seeds, device)
+    transition = _build(sampler, gen, gen_host, generators, steps, mask_id, options)
+
+    changes = transition.changes
+    refresh_all = exact and softmask is not None
+    run = [refresh_all or any(c) for c in changes]
+    final = any(transition.noise_removal)
+    forward_steps = [i for i in range(steps) if run[i]] + ([steps] if final else [])
+    left = transition.masks_left
+    # feedback rows: a row takes a forward's feedback only at steps where it changes (or all, exact)
+    fb_rows = [list(range(len(c))) if refresh_all else [b for b, ch in enumerate(c) if ch]
+               for c in changes]
+    fb_counts = [[left[i][b] for b in fb_rows[i]] for i in range(steps)]
+    fb = (_Feedback(softmask, weight, real, gen.sum(-1), sm_schedule, mask_id)
+          if softmask is not None else None)
+
+    def forward(x: Tensor, first: bool):
+        if fb is None or first:
+            logits = model(input_ids=x, attention_mask=model_mask)
+            # the first SM forward has no feedback yet: lambda is 0 at every mask
+            is_mask = None if fb is None else (x == mask_id) & real
+            lam = None if fb is None else torch.zeros_like(x, dtype=torch.float32)
+        else:
+            emb, lam, is_mask = fb.embeds(x)
+            logits = model(inputs_embeds=emb, attention_mask=model_mask)
+        return subs_log_probs(logits, x, mask_id), lam, is_mask
+
+    snapshots, lam_log = [x], []  # filled only with trace=True
+
+    def record(x: Tensor, lam_entry) -> None:
+        if trace:
+            snapshots.append(x)
+            lam_log.append(lam_entry)
+
+    done = 0  # steps finished
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for n, i in enumerate(forward_steps):
+                for _ in range(done, i):  # steps without a forward: nothing changes
+                    record(x, None)
+                done = i
+                logp, lam, is_mask = forward(x, first=n == 0)
+                if i == steps:  # noise removal: argmax of the unfiltered SUBS p at the masks left
+                    x = torch.where((x == mask_id) & real, logp.argmax(-1), x)
+                    break
+                rows = [b for b, c in enumerate(changes[i]) if c]
+                if rows:
+                    x = transition.step(i, x, logp, rows)
+                if fb is not None and n + 1 < len(forward_steps):
+                    fb.update(logp, x, fb_rows[i], fb_counts[i])
+                record(x, (lam, is_mask))
+                done = i + 1
+            for _ in range(done, steps):
+                record(x, None)
+    finally:
+        model.train(was_training)
+
+    skipped = steps - sum(run)
+    info = _trace(snapshots, lam_log, run, final, mask_id, real) if trace else None
+    return DecodeResult(x, len(forward_steps), steps, skipped, info)
+
+
+def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool, mask_id: int,
+           real: Tensor) -> dict:
+    """Per-step decoding record, computed after the loop (the loop only kept device tensors).
+
+    tokens (steps + 1, B, L) on the CPU (state before each step, then the result before noise
+    removal); per step and row: unmasked, remasked, masks_left (after the step); per step: forward,
+    and the lambda statistics over the positions masked in that forward's input (NaN when no forward
+    ran or decoding was binary): mean, q10, q50, q90, share > 0.1.
+    """
+    tokens = torch.stack(snapshots).cpu()
+    masked = (tokens == mask_id) & real.cpu()[None]
+    out = {
+        "forward": list(run),
+        "noise_removal": final,
+        "tokens": tokens,
+        "unmasked": (masked[:-1] & ~masked[1:]).sum(-1).tolist(),
+        "remasked": (~masked[:-1] & masked[1:]).sum(-1).tolist(),
+        "masks_left": masked[1:].sum(-1).tolist(),
+    }
+    stats = {key: [] for key in ("lam_mean", "lam_q10", "lam_q50", "lam_q90", "lam_share_gt_0.1")}
+    nan = float("nan")
+    for entry in lam_log:
+        if entry is None or entry[1] is None:
+            for v in stats.values():
+                v.append(nan)
+            continue
+        lam, is_mask = (t.float().cpu() for t in entry)
+        vals = torch.where(is_mask.bool(), lam, torch.full_like(lam, nan)).flatten()
+        has = bool(is_mask.any())
+        stats["lam_mean"].append(float(vals.nanmean()) if has else nan)
+        for q, key in ((0.1, "lam_q10"), (0.5, "lam_q50"), (0.9, "lam_q90")):
+            stats[key].append(float(vals.nanquantile(q)) if has else nan)
+        stats["lam_share_gt_0.1"].append(float((vals > 0.1).sum() / is_mask.sum()) if has else nan)
+    out.update(stats)
+    return out

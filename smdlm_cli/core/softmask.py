@@ -1,0 +1,225 @@
+"""The soft-masking (SM) operator of Hersche et al. (ICLR 2026) and its three trainable scalars.
+
+A position that is still masked gets, instead of the plain [MASK] embedding,
+
+    e = (1 - lam) * E[mask] + lam * sum_{i in top-k(p)} pi_i * E[v_i],   pi = p renormalised on the top-k
+    lam = scale * sigmoid(steepness * (-H(p) - centre))
+
+where p is the model's previous prediction for that position. The same object builds the input of
+the second training pass and the feedback of every sampler.
+
+Mixing is sparse: k + 1 embedding rows are gathered per position and summed, never a dense
+(B, L, V) @ (V, D) product (at Dream's V = 152k that product costs as much as the LM head).
+Parametrisation and initial values follow the official TransparencyHead: scale = sigmoid(raw),
+centre = -softplus(raw) - 1e-6, steepness = softplus(raw) + 1e-6, so the bounds can never be left.
+
+This is not a sampler or a trainer: it knows nothing of schedules, steps or losses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smdlm_cli.core.errors import UserError
+
+_EPS = 1e-6  # the official code's margin that keeps centre < 0 and steepness, temperature > 0
+OFFICIAL_ALGS = ("mixinputs_with_topk", "mixinputs_with_temp")
+
+
+def _softplus_inv(y: float) -> float:
+    # log(expm1(y)), written to stay finite for large y
+    return y + math.log(-math.expm1(-y))
+
+
+def _logit(p: float) -> float:
+    # scale = 0 maps to -inf on purpose: sigmoid(-inf) is exactly 0, so SM with scale 0 is binary
+    # decoding bit for bit (the official logit clamps to 1e-6 and never switches off completely).
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+def _top_k_blocked(z: Tensor, k: int, block: int = 128) -> tuple[Tensor, Tensor]:
+    """z.topk(k, dim=-1), exact up to the order of ties, several times faster on wide rows.
+
+    The k largest entries lie in the k blocks with the largest maxima (any other entry has k larger
+    ones, those maxima, above it), so only those k blocks and the ragged tail are searched after
+    one vectorised max per block.
+    """
+    V = z.shape[-1]
+    n_blocks = V // block
+    if n_blocks < 4 * k:
+        return z.topk(k, dim=-1)
+    flat = z.reshape(-1, V)
+    main = flat[:, : n_blocks * block].unflatten(-1, (n_blocks, block))
+    best = main.amax(-1).topk(k, dim=-1).indices                                   # (N, k)
+    cand = main.gather(1, best[..., None].expand(-1, -1, block)).flatten(1)
+    cand_idx = (best[..., None] * block + torch.arange(block, device=z.device)).flatten(1)
+    if V > n_blocks * block:
+        cand = torch.cat([cand, flat[:, n_blocks * block:]], 1)
+        tail = torch.arange(n_blocks * block, V, device=z.device).expand(flat.shape[0], -1)
+        cand_idx = torch.cat([cand_idx, tail], 1)
+    values, j = cand.topk(k, dim=-1)
+    return values.view(*z.shape[:-1], k), cand_idx.gather(1, j).view(*z.shape[:-1], k)
+
+
+class SoftMask(nn.Module):
+    """omega_s (scale), omega_b (centre), omega_a (steepness), optional temperature, and k."""
+
+    def __init__(self, k: int = 3, scale: float = 1e-6, centre: float = -0.75,
+                 steepness: float = 6.66, temperature: float | None = None):
+        super().__init__()
+        if k < 1:
+            raise UserError(f"softmask k = {k}, expected an integer >= 1")
+        if not 0.0 <= scale <= 1.0:
+            raise UserError(f"softmask scale = {scale}, expected a number in [0, 1]")
+        if centre >= 0.0:
+            raise UserError(f"softmask centre = {centre}, expected a negative number")
+        if steepness <= 0.0:
+            raise UserError(f"softmask steepness = {steepness}, expected a positive number")
+        if temperature is not None and temperature <= 0.0:
+            raise UserError(f"softmask temperature = {temperature}, expected a positive number")
+        self.k = int(k)
+        f32 = dict(dtype=torch.float32)
+        self.raw_scale = nn.Parameter(torch.tensor(_logit(scale), **f32))
+        self.raw_centre = nn.Parameter(torch.tensor(_softplus_inv(max(-centre - _EPS, 1e-12)), **f32))
+        self.raw_steepness = nn.Parameter(torch.tensor(_softplus_inv(max(steepness - _EPS, 1e-12)), **f32))
+        self.raw_temperature = (nn.Parameter(torch.tensor(_softplus_inv(temperature - _EPS), **f32))
+                                if temperature is not None else None)
+
+    # --- the bounded values -------------------------------------------------------------------
+    @property
+    def scale(self) -> Tensor:
+        return torch.sigmoid(self.raw_scale)
+
+    @property
+    def centre(self) -> Tensor:
+        return -F.softplus(self.raw_centre) - _EPS
+
+    @property
+    def steepness(self) -> Tensor:
+        return F.softplus(self.raw_steepness) + _EPS
+
+    @property
+    def temperature(self) -> Tensor | None:
+        if self.raw_temperature is None:
+            return None
+        return F.softplus(self.raw_temperature) + _EPS
+
+    # --- lambda and the top-k mixture ---------------------------------------------------------
+    def _log_probs_and_entropy(self, logits: Tensor, normalized: bool = False
+                               ) -> tuple[Tensor, Tensor]:
+        # Logits are constants here (the paper's second pass sees the first as data), in fp32.
+        z = logits.detach().float()
+        if normalized and self.raw_temperature is None:
+            # Already log-probabilities (a sampler's SUBS output): no log_softmax, and p log p
+            # multiplied into p's own buffer instead of a second (.., V) temporary.
+            return z, -z.exp().mul_(z).sum(-1)
+        if self.raw_temperature is not None:
+            z = z / self.temperature
+        logp = torch.log_softmax(z, dim=-1)
+        return logp, -(logp.exp() * logp).sum(-1)
+
+    def lam_from_entropy(self, entropy: Tensor) -> Tensor:
+        """lambda(H) = scale * sigmoid(steepness * (-H - centre)), elementwise."""
+        return self.scale * torch.sigmoid(self.steepness * (-entropy - self.centre))
+
+    def feedback(self, logits: Tensor, is_mask: Tensor, normalized: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """lambda (B, L), top-k ids (B, L, k) and their renormalised probabilities pi (B, L, k).
+
+        lambda is 0 where `is_mask` is False. Entropy and softmax run in fp32 whatever the logits'
+        dtype. Gradients reach the omega parameters (and the temperature, when present), never the
+        logits. `normalized=True` says the input already is log-probabilities (the samplers pass
+        SUBS log p): it skips the log_softmax (the temperature variant renormalises regardless) and
+        finds the top k by blocks, the same ids and values up to the order of ties, for speed.
+        """
+        logp, entropy = self._log_probs_and_entropy(logits, normalized)
+        lam = self.lam_from_entropy(entropy) * is_mask.to(entropy.dtype)
+        top_logp, top_idx = (_top_k_blocked(logp, self.k) if normalized
+                             else logp.topk(self.k, dim=-1))
+        pi = torch.softmax(top_logp, dim=-1)  # = p_i / sum_{top-k} p_j
+        return lam, top_idx, pi
+
+    def lam(self, logits: Tensor, is_mask: Tensor) -> Tensor:
+        """lambda per position (B, L); 0 where not masked."""
+        _, entropy = self._log_probs_and_entropy(logits)
+        return self.lam_from_entropy(entropy) * is_mask.to(entropy.dtype)
+
+    @staticmethod
+    def mix(input_ids: Tensor, lam: Tensor, top_idx: Tensor, pi: Tensor,
+            embedding_weight: Tensor) -> Tensor:
+        """(1 - lam) E[x] + lam * sum_i pi_i E[v_i]: E[x] exactly wherever lam is 0.
+
+        Gathers k + 1 rows per position. The result has the embedding's dtype.
+        """
+        w = embedding_weight
+        base = F.embedding(input_ids, w)                                  # (B, L, D)
+        mixed = torch.einsum("blk,blkd->bld", pi.to(w.dtype), F.embedding(top_idx, w))
+        lam = lam.to(w.dtype).unsqueeze(-1)
+        return (1 - lam) * base + lam * mixed
+
+    def forward(self, input_ids: Tensor, prev_logits: Tensor, embedding_weight: Tensor,
+                mask_id: int) -> Tensor:
+        """Input embeddings (B, L, D) for `input_ids`, soft-masked from `prev_logits` (B, L, V)."""
+        lam, top_idx, pi = self.feedback(prev_logits, input_ids == mask_id)
+        return self.mix(input_ids, lam, top_idx, pi, embedding_weight)
+
+    # --- export / import ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """softmask.json: the values, the raw parameters (exact), and k."""
+        temp = self.temperature
+        return {
+            "k": self.k,
+            "scale": self.scale.item(),
+            "centre": self.centre.item(),
+            "steepness": self.steepness.item(),
+            "temperature": None if temp is None else temp.item(),
+            "raw": {name: p.item() for name, p in self.named_parameters()},
+        }
+
+    def to_official(self) -> dict:
+        """transparency_config.json as the official code writes it (kwargs of its sampler)."""
+        temp = self.temperature
+        return {
+            "transparency_alg": "mixinputs_with_temp" if temp is not None else "mixinputs_with_topk",
+            "transparency_scale": self.scale.item(),
+            "transparency_steepness": self.steepness.item(),
+            "transparency_centre": self.centre.item(),
+            "mixture_temp": 1.0 if temp is None else temp.item(),
+            "mixinputs_k": self.k,
+            "transparency_scheduling": "none",
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "softmask.json") -> "SoftMask":
+        """Read softmask.json or an official transparency_config.json (told apart by their keys)."""
+        try:
+            if "transparency_alg" in d:
+                alg = d["transparency_alg"]
+                if alg not in OFFICIAL_ALGS:
+                    raise UserError(f"{source}: transparency_alg = {alg!r} has no soft-masking; "
+                                    f"expected one of {', '.join(OFFICIAL_ALGS)}")
+                temp = float(d.get("mixture_temp", 1.0)) if alg == "mixinputs_with_temp" else None
+                return cls(k=int(d.get("mixinputs_k", 1)), scale=float(d["transparency_scale"]),
+                           centre=float(d["transparency_centre"]),
+                           steepness=float(d["transparency_steepness"]), temperature=temp)
+            sm = cls(k=int(d["k"]), scale=float(d["scale"]), centre=float(d["centre"]),
+                     steepness=float(d["steepness"]), temperature=d.get("temperature"))
+        except KeyError as e:
+            raise UserError(f"{source}: missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: bad value ({e})") from None
+        raw = d.get("raw")
+        if raw:  # exact raw values survive a save/load even where the bounded maps lose precision
+            with torch.no_grad():
+                for name, p in sm.named_parameters():
+                    if name in raw:
+                        p.fill_(float(raw[name]))
+        return sm

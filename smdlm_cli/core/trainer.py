@@ -1,0 +1,360 @@
+"""One training loop for binary and soft-masked (two-pass) masked diffusion, single process or DDP.
+
+A step: batch -> t -> x_t -> [pass 1 under no_grad -> SoftMask] -> pass 2 -> 1/t-weighted loss ->
+optimizer step -> EMA. With probability p_sm a step is soft-masked (the same choice on every rank,
+drawn from the step's seed), otherwise it is a plain MDLM step. The omega parameters sit in their
+own AdamW group with their own learning rate; both groups follow the same warm-up/decay factor.
+
+Everything random in a step is drawn from generators seeded by (seed, step, rank, micro-batch), and
+the data loader's position is saved with the weights, so a run resumed from its last state ends
+with exactly the weights of an uninterrupted run.
+
+Not here: building the model, tokenizer or data (commands/pretrain.py), sampling, evaluation beyond
+the validation ELBO, and anything about the command line (progress is reported through a callback).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from smdlm_cli.core import checkpoint, diffusion
+from smdlm_cli.core.config import SoftMaskConfig, TrainConfig
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.models import save_model
+from smdlm_cli.core.softmask import SoftMask
+
+
+# --- the model the optimizer sees ---------------------------------------------------------------
+class TwoPass(nn.Module):
+    """Backbone + SoftMask in one module, so DDP sees every parameter and both passes."""
+
+    def __init__(self, backbone: nn.Module, softmask: SoftMask | None):
+        super().__init__()
+        self.backbone = backbone
+        self.softmask = softmask
+
+    def forward(self, xt: Tensor, use_sm: bool, attention_mask: Tensor | None = None) -> Tensor:
+        if not use_sm:
+            return self.backbone(input_ids=xt, attention_mask=attention_mask)
+        # Pass 1 predicts p without a graph; its logits are constants for pass 2 (the paper's scheme).
+        with torch.no_grad():
+            prev = self.backbone(input_ids=xt, attention_mask=attention_mask)
+        embeds = self.softmask(xt, prev, self.backbone.embedding_weight(), self.backbone.mask_id)
+        return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask)
+
+
+# --- distributed context ------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPU. Plain runs get world 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device = {device!r}, but CUDA is not available here")
+        torch.cuda.set_device(dev)
+    return Dist(rank=rank, world=dist.get_world_size() if dist.is_initialized() else 1, device=dev)
+
+
+def _all_reduce_sum(x: Tensor) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+# --- seeds, schedule, EMA -----------------------------------------------------------------------
+def _seed(*parts: int) -> int:
+    # A fixed mix of the parts (not Python's hash, which is salted per process).
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9 % (1 << 63)
+    return h
+
+
+def _generator(device: torch.device, *parts: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_seed(*parts))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over cfg.warmup steps, then constant or cosine down to 0 at cfg.steps."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup) / span)))
+    return 1.0
+
+
+class EMA:
+    """Exponential moving average of the backbone, with MDLM's warm-up: decay_n = min(d, (1+n)/(10+n))."""
+
+    def __init__(self, params: dict[str, Tensor], decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, Tensor]) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        keys = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [params[k].detach().float() for k in keys],
+                             1 - d)
+        self.updates += 1
+
+
+@contextmanager
+def ema_weights(backbone: nn.Module, ema: EMA | None) -> Iterator[None]:
+    """Run the block with the EMA weights in `backbone` (the weights the paper evaluates), then restore."""
+    if ema is None:
+        yield
+        return
+    raw = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    backbone.load_state_dict({**raw, **{k: v.to(raw[k].dtype) for k, v in ema.shadow.items()}})
+    try:
+        yield
+    finally:
+        backbone.load_state_dict(raw)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    step: int
+    forwards: int
+    first_val: dict | None
+    last_val: dict | None
+
+
+def _batch_layout(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
+    """(per-rank batch, micro-batch, accumulation steps), or a UserError naming the numbers."""
+    if cfg.batch_size % world:
+        raise UserError(f"train.batch_size = {cfg.batch_size} is not divisible by the {world} ranks")
+    per_rank = cfg.batch_size // world
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise UserError(f"train.micro_batch_size = {micro} does not divide the per-rank batch "
+                        f"{per_rank} (train.batch_size {cfg.batch_size} over {world} ranks)")
+    return per_rank, micro, per_rank // micro
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def validation_elbo(model: TwoPass, batches: list[Tensor], use_sm: bool, seed: int,
+                    ctx: Dist, precision: str) -> dict:
+    """ELBO bound on fixed validation batches with fixed times and masks: nll, ppl, bpd (nats/token).
+
+    SM models are scored two-pass, as trained: the feedback is a deterministic function of x_t, so
+    this is still a valid bound.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for i, x0 in enumerate(batches):
+        x0 = x0.to(ctx.device)
+        g = _generator(ctx.device, seed, 0x5EED, i, ctx.rank)
+        t = diffusion.sample_t(x0.shape[0], generator=g, device=ctx.device)
+        xt = diffusion.q_xt(x0, t, model.backbone.mask_id, generator=g)
+        with _autocast(ctx.device, precision):
+            logits = model(xt, use_sm=use_sm)
+        total[0] += diffusion.elbo_per_token(logits, x0, xt, t, model.backbone.mask_id).sum().double()
+        total[1] += x0.numel()
+    _all_reduce_sum(total)
+    model.train(was_training)
+    nll = (total[0] / total[1]).item()
+    return {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0)), "val_bpd": nll / math.log(2)}
+
+
+def _param_groups(model: TwoPass, cfg: TrainConfig, sm_cfg: SoftMaskConfig) -> list[dict]:
+    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad],
+               "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr}]
+    if model.softmask is not None:
+        groups.append({"params": list(model.softmask.parameters()), "lr": sm_cfg.lr,
+                       "weight_decay": 0.0, "base_lr": sm_cfg.lr})
+    return groups
+
+
+def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg: SoftMaskConfig,
+        loader, valid_batches: list[Tensor], run_dir: Path, ctx: Dist, resume: bool = False,
+        on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train `backbone` (+ `softmask`) for cfg.steps optimizer steps, saving into `run_dir`.
+
+    `loader` yields per-rank batches (next_batch() -> (B, L) ids) and has state_dict /
+    load_state_dict. `on_step` gets every metrics record (rank 0 only). Each save writes the
+    resumable state, then publishes model.safetensors (EMA weights) and softmask.json.
+    """
+    per_rank, micro, accum = _batch_layout(cfg, ctx.world)
+    use_sm_ever = softmask is not None and sm_cfg.prob > 0
+    model = TwoPass(backbone, softmask if use_sm_ever else None).to(ctx.device)
+    model.train()
+    backbone.gradient_checkpointing = cfg.grad_checkpointing
+    opt = torch.optim.AdamW(_param_groups(model, cfg, sm_cfg), betas=tuple(cfg.betas), eps=1e-8)
+    ema = EMA(dict(backbone.named_parameters()), cfg.ema) if cfg.ema > 0 else None
+
+    step, forwards, tokens = 0, 0, 0
+    first_val = last_val = None
+    last_eval = -1
+    if resume:
+        state_dir = checkpoint.latest_state(run_dir)
+        if state_dir is None:
+            raise UserError(f"--resume: {run_dir} has no saved training state")
+        st = checkpoint.load_state(state_dir, ctx.device)
+        model.load_state_dict(st["weights"])
+        opt.load_state_dict(st["optimizer"])
+        if ema is not None:
+            if st["ema"] is None:
+                raise UserError(f"--resume: {state_dir} has no EMA weights but train.ema = {cfg.ema}")
+            ema.shadow = {k: v.float() for k, v in st["ema"].items()}
+            ema.updates = st["trainer"]["ema_updates"]
+        tr = st["trainer"]
+        step, forwards, tokens = tr["step"], tr["forwards"], tr["tokens"]
+        first_val = tr.get("first_val")
+        loader.load_state_dict(tr["loader"])
+        if ctx.main:
+            checkpoint.truncate_metrics(run_dir, step)
+
+    ddp = model
+    if ctx.world > 1:
+        # Binary steps leave the omega parameters without gradients, so DDP must look for them.
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=use_sm_ever and sm_cfg.prob < 1)
+    mask_id = backbone.mask_id
+    length = backbone.config.model_length
+
+    def save():
+        if ctx.main:
+            weights = model.state_dict()
+            trainer_state = {"forwards": forwards, "tokens": tokens, "loader": loader.state_dict(),
+                             "ema_updates": ema.updates if ema else 0, "first_val": first_val}
+            checkpoint.save_state(run_dir, step, weights, opt, ema.shadow if ema else None,
+                                  trainer_state)
+            with ema_weights(backbone, ema):
+                save_model(backbone, run_dir)
+            if use_sm_ever:
+                checkpoint.save_softmask(run_dir, softmask)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def evaluate() -> dict:
+        with ema_weights(backbone, ema):
+            return validation_elbo(model, valid_batches, use_sm_ever, cfg.seed, ctx, cfg.precision)
+
+    def emit(record: dict) -> None:
+        if ctx.main:
+            checkpoint.append_metrics(run_dir, record)
+            if on_step is not None:
+                on_step(record)
+
+    if step == 0:
+        first_val, last_eval = evaluate(), 0
+        emit({"step": 0, "forwards": 0, **first_val})
+    t0, tokens0 = time.perf_counter(), tokens
+    while step < cfg.steps and not (cfg.max_forward_passes and forwards >= cfg.max_forward_passes):
+        factor = lr_factor(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        coin = torch.rand(1, generator=_generator(torch.device("cpu"), cfg.seed, step)).item()
+        use_sm = use_sm_ever and coin < sm_cfg.prob
+        torch.manual_seed(_seed(cfg.seed, step, ctx.rank, 1))  # dropout: per step, so resumable
+        # Times and mask noise are drawn for the whole global batch and sliced by the loader's
+        # layout (row j of micro-batch m on rank r is global row m*micro*W + j*W + r), so the
+        # samples do not depend on how the batch is split over ranks and accumulation steps.
+        g = _generator(ctx.device, cfg.seed, step, 2)
+        times = diffusion.sample_t(cfg.batch_size, cfg.t_min, cfg.t_max, cfg.antithetic,
+                                   generator=g, device=ctx.device)
+        times = times[torch.randperm(cfg.batch_size, generator=g, device=ctx.device)]
+        noise = torch.rand(cfg.batch_size, length, generator=g, device=ctx.device)
+        times = times.view(accum, micro, ctx.world)
+        noise = noise.view(accum, micro, ctx.world, length)
+        loss_sum = torch.zeros((), device=ctx.device)
+        for m in range(accum):
+            x0 = loader.next_batch().to(ctx.device)
+            t = times[m, :, ctx.rank]
+            xt = diffusion.q_xt(x0, t, mask_id, u=noise[m, :, ctx.rank])
+            sync = ddp.no_sync() if (ctx.world > 1 and m < accum - 1) else nullcontext()
+            with sync:
+                with _autocast(ctx.device, cfg.precision):
+                    logits = ddp(xt, use_sm)
+                loss = diffusion.elbo_per_token(logits, x0, xt, t, mask_id).sum() / (per_rank * length)
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                     else None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(dict(backbone.named_parameters()))
+        step += 1
+        forwards += accum * (2 if use_sm else 1)
+        tokens += cfg.batch_size * length
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            loss_all = _all_reduce_sum(loss_sum.clone()) / ctx.world
+            elapsed = time.perf_counter() - t0
+            record = {"step": step, "loss": loss_all.item(), "lr": cfg.lr * factor, "sm": use_sm,
+                      "forwards": forwards, "tokens": tokens,
+                      "tokens_per_s": (tokens - tokens0) / max(elapsed, 1e-9)}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm.item()
+            if use_sm_ever:
+                record.update(scale=softmask.scale.item(), centre=softmask.centre.item(),
+                              steepness=softmask.steepness.item())
+            emit(record)
+        if step % cfg.eval_every == 0:
+            last_val, last_eval = evaluate(), step
+            emit({"step": step, "forwards": forwards, **last_val})
+        if step % cfg.save_every == 0:
+            save()
+    # The run may end off the eval/save grid (steps, or the forward-pass budget): finish both.
+    if last_eval != step:
+        last_val = evaluate()
+        emit({"step": step, "forwards": forwards, **last_val})
+    if step % cfg.save_every != 0 or step == 0:
+        save()
+    _check_ranks_agree(model, ctx)
+    return TrainResult(step=step, forwards=forwards, first_val=first_val, last_val=last_val)
+
+
+def _check_ranks_agree(model: nn.Module, ctx: Dist) -> None:
+    """DDP keeps replicas identical; a cheap checksum comparison catches it if anything broke that."""
+    if ctx.world == 1:
+        return
+    local = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+    gathered = [torch.zeros_like(local) for _ in range(ctx.world)]
+    dist.all_gather(gathered, local)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"ranks hold different weights after training: {[g.item() for g in gathered]}")

@@ -1,0 +1,165 @@
+"""The training loop: it learns (binary and SM), resumes exactly, keeps budgets, and DDP agrees."""
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from smdlm_cli.core import checkpoint, trainer
+from smdlm_cli.core.config import SoftMaskConfig, TrainConfig
+from smdlm_cli.core.data import BlockLoader
+from smdlm_cli.core.io import atomic_save_tensors, load_tensors
+from smdlm_cli.core.models.dit import build_dit
+from smdlm_cli.core.softmask import SoftMask
+
+V, L = 40, 16
+MASK = V - 1
+
+
+def corpus(n=64, seed=0):
+    """Learnable blocks: each row counts upwards mod 30 from a random start."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 30, (n, 1), generator=g)
+    return ((start + torch.arange(L)) % 30).to(torch.int32)
+
+
+def setup(sm: bool, seed=0, dropout=0.1, **train):
+    torch.manual_seed(seed)
+    backbone = build_dit("tiny", V, MASK, L, hidden_dim=32, n_blocks=2, n_heads=2, cond_dim=16,
+                         dropout=dropout)
+    softmask = SoftMask(k=2, scale=0.05) if sm else None
+    cfg = TrainConfig(**{"steps": 30, "batch_size": 8, "lr": 3e-3, "warmup": 5, "eval_every": 10,
+                         "save_every": 10, "log_every": 5, "eval_batches": 2, "ema": 0.9, **train})
+    return backbone, softmask, cfg
+
+
+def run(tmp: Path, sm: bool, resume=False, **train):
+    backbone, softmask, cfg = setup(sm, **train)
+    data = corpus()
+    per_rank, micro, _ = trainer._batch_layout(cfg, 1)
+    loader = BlockLoader(data, micro, cfg.seed)
+    valid = [corpus(8, seed=1).long(), corpus(8, seed=2).long()]
+    return trainer.fit(backbone, softmask, cfg, SoftMaskConfig(prob=0.8), loader, valid, tmp,
+                       trainer.Dist(), resume=resume)
+
+
+@pytest.mark.parametrize("sm", [False, True])
+def test_training_lowers_the_validation_elbo(tmp_path, sm):
+    result = run(tmp_path, sm, steps=40)
+    assert result.last_val["val_nll"] < result.first_val["val_nll"] - 0.5
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "softmask.json").exists() == sm
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "val_nll" in lines[0]
+    assert max(x["step"] for x in lines) == 40
+
+
+def test_sm_steps_count_two_forwards_and_train_omega(tmp_path):
+    result = run(tmp_path, True, steps=20, save_every=100)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    sm_steps = [x for x in lines if "loss" in x]
+    assert any(x["sm"] for x in sm_steps)
+    assert 20 < result.forwards <= 40  # 1 forward per binary step, 2 per SM step
+    saved = checkpoint.load_softmask(tmp_path)
+    assert saved.scale.item() != pytest.approx(0.05, rel=1e-6)  # omega moved
+
+
+def test_forward_budget_stops_early(tmp_path):
+    result = run(tmp_path, True, steps=100, max_forward_passes=15)
+    assert 15 <= result.forwards <= 16 and result.step < 15
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = run(tmp_path / "full", True, steps=20)
+    run(tmp_path / "part", True, steps=10)
+    # A crash after step 10's save would leave these behind; resume must not be fooled by them.
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "loss": 1.0}\n{"step": 14, "lo')
+    resumed = run(tmp_path / "part", True, resume=True, steps=20)
+    assert resumed.step == full.step == 20
+    a = load_tensors(tmp_path / "full" / "model.safetensors")
+    b = load_tensors(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "full" / "softmask.json").read_text()) == \
+        json.loads((tmp_path / "part" / "softmask.json").read_text())
+    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert 14 not in steps or steps.count(15) == 1
+    assert steps == [json.loads(x)["step"] for x in
+                     (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gradient_accumulation_matches_a_full_batch(tmp_path):
+    """Micro-batches of 4 with accumulation 2 take the same step as one batch of 8 (no dropout)."""
+    outs = []
+    for micro in (0, 4):
+        backbone, _, cfg = setup(False, steps=1, micro_batch_size=micro, dropout=0.0, ema=0.0,
+                                 warmup=0, eval_every=100)
+        torch.manual_seed(0)
+        for p in backbone.parameters():  # non-zero everywhere, so every weight's update shows
+            torch.nn.init.normal_(p, std=0.05)
+        per_rank, m, _ = trainer._batch_layout(cfg, 1)
+        trainer.fit(backbone, None, cfg, SoftMaskConfig(), BlockLoader(corpus(), m, 0),
+                    [corpus(8).long()], tmp_path / f"m{micro}", trainer.Dist())
+        outs.append({k: v.clone() for k, v in backbone.state_dict().items()})
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=110, warmup=10, schedule="cosine")
+    assert trainer.lr_factor(0, cfg) == pytest.approx(0.1)
+    assert trainer.lr_factor(9, cfg) == pytest.approx(1.0)
+    assert trainer.lr_factor(60, cfg) == pytest.approx(0.5)
+    assert trainer.lr_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert trainer.lr_factor(500, TrainConfig(warmup=10)) == 1.0
+
+
+def test_ema_follows_the_mdlm_formula():
+    p = {"w": torch.zeros(3)}
+    ema = trainer.EMA(p, decay=0.9999)
+    for n in range(3):
+        before = ema.shadow["w"].clone()
+        p["w"] = torch.full((3,), float(n + 1))
+        ema.update(p)
+        d = min(0.9999, (1 + n) / (10 + n))
+        torch.testing.assert_close(ema.shadow["w"], d * before + (1 - d) * p["w"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = trainer.setup_distributed("cpu")
+    backbone, softmask, cfg = setup(True, steps=6, batch_size=4, eval_every=3, save_every=3)
+    loader = BlockLoader(corpus(), 2, cfg.seed, ctx.rank, ctx.world)
+    trainer.fit(backbone, softmask, cfg, SoftMaskConfig(prob=0.5), loader, [corpus(4).long()],
+                Path(out) / "run", ctx)
+    atomic_save_tensors(Path(out) / f"rank{rank}.safetensors",
+                        {**{f"b.{k}": v for k, v in backbone.state_dict().items()},
+                         **{f"s.{k}": v for k, v in softmask.state_dict().items()}})
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_ranks_end_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a = load_tensors(tmp_path / "rank0.safetensors")
+    b = load_tensors(tmp_path / "rank1.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    before = setup(True)[0].state_dict()
+    assert not torch.equal(a["b.blocks.0.attn_qkv.weight"], before["blocks.0.attn_qkv.weight"])
+    assert math.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+                         ["val_nll"])

@@ -289,8 +289,14 @@ def dump_recipe(recipe: Recipe, header: str = "") -> str:
 
 
 def recipe_docs() -> str:
-    """Markdown reference of every table and key: key, type and range, default, doc."""
-    out = []
+    """docs/recipes.md: the Markdown reference of every table and key (type and range, default, doc).
+
+    Regenerate the file with `python -c "import smdlm_cli.recipe as r; print(r.recipe_docs(), end='')" > docs/recipes.md`.
+    """
+    out = ["# Recipe reference", "",
+           "Every key a recipe may set, with its type or allowed values and its default. Generated from",
+           "the settings dataclasses in `smdlm_cli/core/config.py` by `smdlm_cli.recipe.recipe_docs`; a",
+           "test fails when this file and the code disagree.", ""]
     for name, cls in SECTIONS.items():
         out += [f"### [{name}]", "", "| key | type | default | description |", "|---|---|---|---|"]
         for key, f in _fields(cls).items():

@@ -389,3 +389,8 @@ def test_recipe_docs_cover_every_key():
     assert "| `t_min` | number in (0, 1] | `0.001` | lowest diffusion time sampled in training |" \
         in docs
     assert '| `schedule` | one of "constant", "cosine" | `"constant"` |' in docs
+
+
+def test_docs_recipes_md_is_up_to_date():
+    path = Path(__file__).parents[1] / "docs" / "recipes.md"
+    assert path.read_text() == recipe_docs(), "regenerate docs/recipes.md (see recipe_docs)"

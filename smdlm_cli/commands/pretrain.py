@@ -93,7 +93,7 @@ def _model(recipe: Recipe, run_dir: Path, resume: bool, tok, main: bool):
     if resume:
         backbone = load_model(str(run_dir))
     elif m.init:
-        backbone = load_model(m.init)
+        backbone = load_model(m.init, weights=False)
         report = load_state_into(backbone, m.init)
         extra = [k for k in report["unexpected"] if not k.startswith("tran_head.")]
         if report["missing"] or extra:

@@ -57,12 +57,28 @@ def q_xt(x0: Tensor, t: Tensor, mask_id: int, generator: torch.Generator | None 
     return torch.where(is_mask, torch.full_like(x0, mask_id), x0)
 
 
+def _without_mask(logits: Tensor, mask_id: int) -> Tensor:
+    """fp32 logits with the [MASK] column at NEG_INF (a new tensor; the model's output is untouched).
+
+    The column is selected by comparing an arange with a Python int, not by indexing with a tensor
+    built from [mask_id]: that would be a host-to-device copy, a sync on every sampling step.
+    """
+    column = torch.arange(logits.shape[-1], device=logits.device) == mask_id
+    return logits.float().masked_fill(column, NEG_INF)
+
+
 def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """SUBS: log p_theta(x_0 | x_t) in fp32 with [MASK] never predicted and unmasked tokens carried over."""
-    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), NEG_INF)
-    logp = torch.log_softmax(logits, dim=-1)
-    carry = torch.full_like(logp, NEG_INF).scatter_(-1, xt.unsqueeze(-1), 0.0)
-    return torch.where((xt != mask_id).unsqueeze(-1), carry, logp)
+    """SUBS: log p_theta(x_0 | x_t) in fp32 with [MASK] never predicted and unmasked tokens carried over.
+
+    For decoding (no autograd): the carry-over is written in place into the log-softmax output, so
+    a step allocates two (B, L, V) tensors rather than four.
+    """
+    logp = torch.log_softmax(_without_mask(logits, mask_id), dim=-1)
+    keep = (xt != mask_id).unsqueeze(-1)
+    logp.masked_fill_(keep, NEG_INF)
+    index = xt.unsqueeze(-1)
+    # Unmasked rows get 0 at their own token; masked rows write back what is already there.
+    return logp.scatter_(-1, index, torch.where(keep, 0.0, logp.gather(-1, index)))
 
 
 def masked_nll(logits: Tensor, x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:
@@ -70,7 +86,7 @@ def masked_nll(logits: Tensor, x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:
 
     The [MASK] logit is excluded from the softmax, as SUBS does.
     """
-    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), NEG_INF)
+    logits = _without_mask(logits, mask_id)
     labels = torch.where(xt == mask_id, x0, torch.full_like(x0, -100))
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
     return nll.view_as(x0)

@@ -1,0 +1,120 @@
+"""Loading and saving Denoisers: one entry point for run directories, MDLM directories and hub names.
+
+A model directory is `config.json` + `model.safetensors` (or shards with an index) whose keys carry
+the `backbone.` prefix, the layout of kuleshov-group/mdlm-owt. smdlm's run directories use the same
+layout, so a run, a downloaded MDLM and a hub name all load through `load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.io import atomic_write_json, atomic_save_tensors, load_tensors
+from smdlm_cli.core.models.dit import DiT, DiTConfig
+
+PREFIX = "backbone."
+# Keys a model file may hold that are not the backbone's: the official SM TransparencyHead (read by
+# checkpoint.load_softmask) and the rotary buffer, which is recomputed identically when absent.
+TOLERATED_UNEXPECTED = ("tran_head.",)
+TOLERATED_MISSING = ("rotary_emb.inv_freq",)
+
+
+def resolve(path_or_name: str) -> Path:
+    """A local directory as is; a hub name through the local HF cache (or a download when online)."""
+    path = Path(path_or_name)
+    if path.is_dir():
+        return path
+    if path.exists() or path_or_name.startswith((".", "/", "~")) or path_or_name.count("/") != 1:
+        raise UserError(f"{path_or_name}: no such model directory; expected a run directory, an "
+                        f"MDLM directory (config.json + model.safetensors) or a hub name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_name, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # offline, unknown repository, gated: all mean "not available here"
+        raise UserError(f"{path_or_name}: weights not found locally and the hub is unreachable "
+                        f"({type(e).__name__}); download them on a connected machine or pass a "
+                        f"local directory") from None
+
+
+def read_config(model_dir: Path) -> DiTConfig:
+    file = model_dir / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{model_dir}: no config.json; expected a model directory") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if config.get("model_type", "mdlm").lower() not in ("mdlm", "dit"):
+        raise UserError(f"{file}: model_type {config.get('model_type')!r} is not supported yet; "
+                        f"expected an MDLM DiT")
+    return DiTConfig.from_json(config, str(file))
+
+
+def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of the shards its index lists, prefix stripped."""
+    index = model_dir / "model.safetensors.index.json"
+    files = (sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+             if index.exists() else [model_dir / "model.safetensors"])
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_tensors(f))
+        except FileNotFoundError:
+            raise UserError(f"{f}: missing; expected the model's safetensors weights") from None
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+
+
+def load_state_into(model: nn.Module, path_or_name: str) -> dict[str, list[str]]:
+    """Copy the weights of a model directory into `model`; returns the missing and unexpected keys.
+
+    Shapes must match wherever names do; tolerated extras (the rotary buffer, tran_head.*) are
+    left out of the report's "missing" list but kept in "unexpected" so callers can see them.
+    """
+    model_dir = resolve(path_or_name)
+    weights = read_weights(model_dir)
+    own = model.state_dict()
+    for k, v in weights.items():
+        if k in own and own[k].shape != v.shape:
+            raise UserError(f"{model_dir}: {k} has shape {tuple(v.shape)}, the model expects "
+                            f"{tuple(own[k].shape)}")
+    result = model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+    missing = [k for k in result.missing_keys if k not in TOLERATED_MISSING]
+    unexpected = sorted(k for k in weights if k not in own)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def load_model(path_or_name: str, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, weights: bool = True) -> DiT:
+    """The Denoiser stored at a run directory, an MDLM directory or a hub name.
+
+    With weights=False only the architecture is built (the caller loads and reports keys itself).
+    Any backbone key that is missing or unknown is an error: a silently half-loaded model would
+    train or sample garbage.
+    """
+    model_dir = resolve(path_or_name)
+    model = DiT(read_config(model_dir))
+    if weights:
+        report = load_state_into(model, str(model_dir))
+        extra = [k for k in report["unexpected"] if not k.startswith(TOLERATED_UNEXPECTED)]
+        if report["missing"] or extra:
+            raise UserError(f"{model_dir}: weights do not match config.json (missing "
+                            f"{report['missing'][:3]}, unexpected {extra[:3]})")
+    return model.to(device=device, dtype=dtype)
+
+
+def save_model(model: DiT, out_dir: str | Path) -> None:
+    """config.json + model.safetensors (`backbone.*` keys, fp32 as MDLM-OWT), each written atomically."""
+    out_dir = Path(out_dir)
+    atomic_save_tensors(out_dir / "model.safetensors",
+                        {PREFIX + k: v.float() for k, v in model.state_dict().items()},
+                        metadata={"format": "pt"})
+    atomic_write_json(out_dir / "config.json", model.config.to_json())

@@ -217,6 +217,8 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
     resumable state, then publishes model.safetensors (EMA weights) and softmask.json.
     """
     per_rank, micro, accum = _batch_layout(cfg, ctx.world)
+    if ctx.main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
     use_sm_ever = softmask is not None and sm_cfg.prob > 0
     model = TwoPass(backbone, softmask if use_sm_ever else None).to(ctx.device)
     model.train()

@@ -1,0 +1,197 @@
+"""Corpora, MDLM packing into fixed-length blocks, and the resumable, rank-sharded block loader.
+
+Sources: `python-stdlib` (the running interpreter's own .py files: a real code corpus on every
+machine, validation split by file), local .txt / .jsonl / .parquet files or directories, and HF
+dataset names through `datasets` (streaming allowed). Packing follows MDLM's wrapping: documents
+tokenized without special tokens, each followed by EOS, concatenated, cut into chunks of L − 2,
+each block [BOS] + chunk + [EOS]; the tail is dropped. Packed corpora are cached as safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from smdlm_cli.core.config import DataConfig
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.io import atomic_save_tensors, load_tensors
+
+STDLIB = "python-stdlib"
+_BUCKETS = 10_000
+
+
+def stdlib_files() -> list[Path]:
+    """The .py files of this interpreter's standard library, site-packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py")
+                  if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+
+
+def _is_valid(key: str, fraction: float) -> bool:
+    """A stable split: a document goes to validation by a hash of its key, never by its order."""
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % _BUCKETS < fraction * _BUCKETS
+
+
+def _split(items: Iterable[tuple[str, str]], cfg: DataConfig, split: str) -> Iterator[str]:
+    """Texts of (key, text) pairs that fall into `split`, at most cfg.max_docs of them."""
+    want_valid = split == "valid"
+    kept = (text for key, text in items if _is_valid(key, cfg.valid_fraction) == want_valid)
+    return itertools.islice(kept, cfg.max_docs or None)
+
+
+def _local(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f.suffix == ".txt":
+            yield str(f), f.read_text(errors="replace")
+        elif f.suffix == ".jsonl":
+            with open(f, encoding="utf-8") as lines:
+                for n, line in enumerate(lines):
+                    if line.strip():
+                        yield f"{f}:{n}", _field(json.loads(line), cfg, f"{f}:{n + 1}")
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for n, row in enumerate(pq.read_table(f, columns=[cfg.text_field]).to_pylist()):
+                yield f"{f}:{n}", _field(row, cfg, f"{f} row {n}")
+        elif not path.is_dir():
+            raise UserError(f"data.source = {str(path)!r}: expected a .txt, .jsonl or .parquet file")
+
+
+def _field(record: dict, cfg: DataConfig, where: str) -> str:
+    text = record.get(cfg.text_field)
+    if not isinstance(text, str):
+        raise UserError(f"{where}: no string field {cfg.text_field!r} (data.text_field)")
+    return text
+
+
+def _hub(cfg: DataConfig, split: str) -> Iterator[str]:
+    import datasets
+
+    hf_split = cfg.valid_split if split == "valid" and cfg.valid_split else cfg.split
+    try:
+        ds = datasets.load_dataset(cfg.source, cfg.subset or None, split=hf_split,
+                                   streaming=cfg.streaming)
+    except Exception as e:  # offline, unknown name, bad split: one line, not a traceback
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"data.source = {cfg.source!r}: dataset not available (offline?): "
+                        f"{reason}") from None
+    rows = ((str(n), _field(row, cfg, f"{cfg.source} row {n}")) for n, row in enumerate(ds))
+    if cfg.valid_split:  # a separate validation split: no hashing, every document of each split
+        return itertools.islice((text for _, text in rows), cfg.max_docs or None)
+    return _split(rows, cfg, split)
+
+
+def iter_documents(cfg: DataConfig, split: str) -> Iterator[str]:
+    """The documents (strings) of the "train" or "valid" split of cfg.source."""
+    if cfg.source == STDLIB:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = ((str(p.relative_to(root)), p) for p in stdlib_files())
+        return _split(((key, p.read_text(errors="replace")) for key, p in files), cfg, split)
+    path = Path(cfg.source)
+    if path.exists():
+        return _split(_local(path, cfg), cfg, split)
+    return _hub(cfg, split)
+
+
+def pack_blocks(docs: Iterable[str], tok, length: int, batch: int = 256) -> Tensor:
+    """int32 (N, length) blocks: [BOS] + length − 2 tokens of the EOS-joined stream + [EOS]."""
+    if length < 3:
+        raise UserError(f"model.length = {length}: expected at least 3 (BOS, a token, EOS)")
+    bos, eos, chunk = tok.bos_token_id, tok.eos_token_id, length - 2
+    stream: list[int] = []
+    blocks: list[Tensor] = []
+    docs = iter(docs)
+    while texts := list(itertools.islice(docs, batch)):
+        for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.append(eos)
+        n = len(stream) // chunk
+        if n:
+            body = torch.tensor(stream[: n * chunk], dtype=torch.int32).view(n, chunk)
+            ends = torch.tensor([[bos], [eos]], dtype=torch.int32).T.expand(n, 2)
+            blocks.append(torch.cat([ends[:, :1], body, ends[:, 1:]], dim=1))
+            del stream[: n * chunk]
+    return torch.cat(blocks) if blocks else torch.empty(0, length, dtype=torch.int32)
+
+
+def _cache_key(cfg: DataConfig, tok, length: int) -> str:
+    h = hashlib.sha256()
+    for part in (cfg.source, cfg.subset, cfg.split, cfg.valid_split, cfg.valid_fraction,
+                 cfg.text_field, cfg.max_docs, length, tok.backend_tokenizer.to_str()):
+        h.update(repr(part).encode() + b"\0")
+    return h.hexdigest()[:24]
+
+
+def build_corpus(cfg: DataConfig, tok, length: int, cache_dir: Path) -> tuple[Tensor, Tensor]:
+    """(train, valid) int32 blocks, packed once and then read from cache_dir."""
+    file = Path(cache_dir) / f"blocks-{_cache_key(cfg, tok, length)}.safetensors"
+    if file.exists():
+        cached = load_tensors(file)
+        return cached["train"], cached["valid"]
+    out = {split: pack_blocks(iter_documents(cfg, split), tok, length) for split in ("train", "valid")}
+    for split, blocks in out.items():
+        if blocks.shape[0] == 0:
+            raise UserError(f"data.source = {cfg.source!r}: too little {split} text for one block of "
+                            f"{length} tokens; expected more documents (data.max_docs, "
+                            f"data.valid_fraction) or a shorter model.length")
+    atomic_save_tensors(file, out)
+    return out["train"], out["valid"]
+
+
+class BlockLoader:
+    """Endless shuffled batches; rank r of W takes rows r::W of each global batch.
+
+    Epoch e uses the permutation of a generator seeded seed·1_000_003 + e, so the order depends
+    only on (seed, epoch), and `state_dict()` (epoch, position) is all a resume needs.
+    """
+
+    def __init__(self, blocks: Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if blocks.shape[0] < batch_size * world:
+            raise UserError(f"{blocks.shape[0]} training blocks cannot fill a batch of "
+                            f"{batch_size * world}; expected more data or a smaller train.batch_size")
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.blocks.shape[0], generator=g)
+
+    def next_batch(self) -> Tensor:
+        span = self.batch_size * self.world
+        if self.pos + span > len(self._perm):  # the epoch's incomplete tail is dropped
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        rows = self._perm[self.pos: self.pos + span][self.rank:: self.world]
+        self.pos += span
+        return self.blocks[rows].long()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation()
+
+
+def valid_batches(blocks: Tensor, batch_size: int, n_batches: int, rank: int = 0,
+                  world: int = 1) -> list[Tensor]:
+    """The first n_batches global batches of the validation blocks, in order, rank-sharded."""
+    span = batch_size * world
+    n = min(n_batches, blocks.shape[0] // span)
+    if n == 0:  # less than one global batch: share what there is
+        per_rank = blocks.shape[0] // world
+        if per_rank == 0:
+            raise UserError(f"{blocks.shape[0]} validation blocks for {world} processes; expected "
+                            f"more validation data")
+        return [blocks[: per_rank * world][rank::world].long()]
+    return [blocks[i * span:(i + 1) * span][rank::world].long() for i in range(n)]

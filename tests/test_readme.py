@@ -1,0 +1,121 @@
+"""Every command README.md shows is run here (smdlm, torchrun) or by CI (.ci/run: pip, pytest).
+
+The smdlm commands run exactly as printed, in a scratch directory that links the repository's
+recipes/, with `--set` overrides appended that shrink the budget (fewer files, steps and tokens);
+the overrides come last, so they win over the README's own. A README command this file does not
+know fails the test: the README cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+SMALL = ["data.max_docs=40", "data.vocab_size=400", "model.length=64", "train.steps=6",
+         "train.batch_size=4", "train.eval_every=3", "train.eval_batches=1", "train.save_every=3",
+         "train.log_every=1", "train.warmup=2"]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+    return [line.strip() for block in blocks for line in block.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def shrink(command: str) -> list[str]:
+    argv = shlex.split(command)
+    extra = [] if "--resume" in argv else [a for kv in SMALL for a in ("--set", kv)]
+    if "--resume" in argv:
+        extra = ["--set", "train.steps=8"]  # a resumed run may only lengthen
+    if argv[0] == "smdlm":
+        argv = [sys.executable, "-m", "smdlm_cli"] + argv[1:]  # the same app as the console script
+    return argv + extra
+
+
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("readme")
+    (d / "recipes").symlink_to(ROOT / "recipes")
+    return d
+
+
+def test_install_and_test_commands_are_what_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text().replace(" --quiet", "").replace("python -m pip", "pip")
+    for command in readme_commands():
+        if command.startswith(("pip ", "python -m pytest")):
+            assert command in ci.splitlines(), command
+
+
+def test_every_readme_command_is_known_here():
+    for command in readme_commands():
+        assert command.startswith(("pip ", "python -m pytest", "smdlm ", "torchrun ")), command
+    smdlm = [c for c in readme_commands() if c.startswith(("smdlm ", "torchrun "))]
+    assert smdlm == [c for c in EXERCISED], "README commands changed: update EXERCISED"
+
+
+def quickstart(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = cwd / result.stdout.strip().splitlines()[-1]
+    assert run_dir == cwd / "runs" / "quickstart"
+    for name in ("config.json", "model.safetensors", "softmask.json", "transparency_config.json",
+                 "recipe.toml", "metrics.jsonl", "tokenizer/tokenizer.json", "state/latest"):
+        assert (run_dir / name).exists(), name
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "val_nll" in x] == [0, 3, 6]
+    assert "to train longer" in result.stderr and "runs/quickstart" in result.stderr
+
+
+def longer(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    recipe = (cwd / "runs" / "longer" / "recipe.toml").read_text()
+    assert "prob = 0.5" in recipe
+
+
+def resumed(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in (cwd / "runs" / "longer" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 8 and steps.count(6) == 2  # step 6: one loss line, one validation line
+
+
+def owt_offline(result, cwd):
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "gpt2" in result.stderr and "Traceback" not in result.stderr
+    assert not (cwd / "runs" / "owt" / "model.safetensors").exists()
+
+
+def ddp(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stderr
+    assert (cwd / "runs" / "ddp" / "model.safetensors").exists()
+
+
+# README command -> check of its result, in README order (later commands use earlier runs).
+EXERCISED = {
+    "smdlm pretrain recipes/quickstart.toml": quickstart,
+    "smdlm pretrain recipes/quickstart.toml --out runs/longer --set train.steps=1000 --set softmask.prob=0.5": longer,
+    "smdlm pretrain runs/longer/recipe.toml --out runs/longer --resume": resumed,
+    "smdlm pretrain recipes/owt.toml": owt_offline,
+    "torchrun --nproc_per_node 2 -m smdlm_cli pretrain recipes/quickstart.toml --out runs/ddp": ddp,
+}
+
+
+@pytest.mark.parametrize("command", list(EXERCISED))
+def test_readme_command_runs(command, workdir):
+    argv = shrink(command)
+    if argv[0] == "torchrun":
+        argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
+    EXERCISED[command](run(argv, workdir), workdir)

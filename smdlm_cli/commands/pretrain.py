@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -29,7 +30,7 @@ from smdlm_cli.recipe import dump_recipe, load_recipe
 # Keys a resumed run may change: they alter how long and how often, never what is trained.
 _RESUMABLE_CHANGES = {"train.steps", "train.save_every", "train.eval_every", "train.log_every",
                       "train.max_forward_passes"}
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files and CI logs
 
 
 def _barrier() -> None:
@@ -104,6 +105,7 @@ def _model(recipe: Recipe, run_dir: Path, resume: bool, tok, main: bool):
         if sm_cfg.enabled and Path(m.init).is_dir():
             softmask = checkpoint.load_softmask(m.init)
     else:
+        torch.manual_seed(recipe.train.seed)  # the initial weights are part of what a seed fixes
         backbone = build_dit(m.preset, vocab_size(tok), mask_token_id(tok), m.length,
                              hidden_dim=m.hidden_size, n_blocks=m.n_blocks, n_heads=m.n_heads,
                              cond_dim=m.cond_dim, dropout=m.dropout)

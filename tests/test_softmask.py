@@ -14,9 +14,14 @@ B, L, V, D, MASK = 3, 7, 50, 16, 49
 
 
 def dense_reference(ids, logits, weight, k, scale, centre, steep, temp=1.0):
-    """x = (1-lam) onehot(mask) + lam * topk-renormalised p, then x @ W: the paper, dense."""
-    p = torch.softmax(logits.double() / temp, -1)
-    neg_h = (p * torch.log(p)).sum(-1)
+    """x = (1-lam) onehot(mask) + lam * topk-renormalised p, then x @ W: the paper, dense.
+
+    p is the SUBS distribution: the [MASK] logit is removed before the softmax.
+    """
+    logits = logits.double().clone()
+    logits[..., MASK] = float("-inf")
+    p = torch.softmax(logits / temp, -1)
+    neg_h = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1)
     lam = scale * torch.sigmoid(steep * (neg_h - centre))
     is_mask = ids == MASK
     lam = torch.where(is_mask, lam, torch.zeros_like(lam))
@@ -38,7 +43,7 @@ def test_forward_equals_dense_formula(k):
     got = sm(ids, logits, weight, MASK)
     want, lam_want = dense_reference(ids, logits, weight, k, 0.7, -1.3, 2.5)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sm.lam(logits, ids == MASK).double(), lam_want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sm.lam(logits, ids == MASK, MASK).double(), lam_want, rtol=1e-5, atol=1e-6)
 
 
 def test_temperature_variant_equals_dense_formula():

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smdlm_cli.core.diffusion import NEG_INF
 from smdlm_cli.core.errors import UserError
 
 _EPS = 1e-6  # the official code's margin that keeps centre < 0 and steepness, temperature > 0
@@ -113,10 +114,13 @@ class SoftMask(nn.Module):
         return F.softplus(self.raw_temperature) + _EPS
 
     # --- lambda and the top-k mixture ---------------------------------------------------------
-    def _log_probs_and_entropy(self, logits: Tensor, normalized: bool = False
-                               ) -> tuple[Tensor, Tensor]:
+    def _log_probs_and_entropy(self, logits: Tensor, normalized: bool = False,
+                               mask_id: int | None = None) -> tuple[Tensor, Tensor]:
         # Logits are constants here (the paper's second pass sees the first as data), in fp32.
+        # mask_id: raw logits whose [MASK] column is dropped (SUBS never predicts the mask).
         z = logits.detach().float()
+        if mask_id is not None and not normalized:
+            z = z.masked_fill(torch.arange(z.shape[-1], device=z.device) == mask_id, NEG_INF)
         if normalized and self.raw_temperature is None:
             # Already log-probabilities (a sampler's SUBS output): no log_softmax, and p log p
             # multiplied into p's own buffer instead of a second (.., V) temporary.
@@ -130,26 +134,26 @@ class SoftMask(nn.Module):
         """lambda(H) = scale * sigmoid(steepness * (-H - centre)), elementwise."""
         return self.scale * torch.sigmoid(self.steepness * (-entropy - self.centre))
 
-    def feedback(self, logits: Tensor, is_mask: Tensor, normalized: bool = False
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+    def feedback(self, logits: Tensor, is_mask: Tensor, normalized: bool = False,
+                 mask_id: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """lambda (B, L), top-k ids (B, L, k) and their renormalised probabilities pi (B, L, k).
 
         lambda is 0 where `is_mask` is False. Entropy and softmax run in fp32 whatever the logits'
         dtype. Gradients reach the omega parameters (and the temperature, when present), never the
         logits. `normalized=True` says the input already is log-probabilities (the samplers pass
-        SUBS log p): it skips the log_softmax (the temperature variant renormalises regardless) and
-        finds the top k by blocks, the same ids and values up to the order of ties, for speed.
+        SUBS log p): it skips the log_softmax (the temperature variant renormalises regardless).
+        `mask_id` (raw logits only) drops the [MASK] column first. The top k is found by blocks:
+        the same ids and values as torch.topk up to the order of ties, faster on wide rows.
         """
-        logp, entropy = self._log_probs_and_entropy(logits, normalized)
+        logp, entropy = self._log_probs_and_entropy(logits, normalized, mask_id)
         lam = self.lam_from_entropy(entropy) * is_mask.to(entropy.dtype)
-        top_logp, top_idx = (_top_k_blocked(logp, self.k) if normalized
-                             else logp.topk(self.k, dim=-1))
+        top_logp, top_idx = _top_k_blocked(logp, self.k)
         pi = torch.softmax(top_logp, dim=-1)  # = p_i / sum_{top-k} p_j
         return lam, top_idx, pi
 
-    def lam(self, logits: Tensor, is_mask: Tensor) -> Tensor:
-        """lambda per position (B, L); 0 where not masked."""
-        _, entropy = self._log_probs_and_entropy(logits)
+    def lam(self, logits: Tensor, is_mask: Tensor, mask_id: int | None = None) -> Tensor:
+        """lambda per position (B, L); 0 where not masked. mask_id as in `feedback`."""
+        _, entropy = self._log_probs_and_entropy(logits, mask_id=mask_id)
         return self.lam_from_entropy(entropy) * is_mask.to(entropy.dtype)
 
     @staticmethod
@@ -166,9 +170,13 @@ class SoftMask(nn.Module):
         return (1 - lam) * base + lam * mixed
 
     def forward(self, input_ids: Tensor, prev_logits: Tensor, embedding_weight: Tensor,
-                mask_id: int) -> Tensor:
-        """Input embeddings (B, L, D) for `input_ids`, soft-masked from `prev_logits` (B, L, V)."""
-        lam, top_idx, pi = self.feedback(prev_logits, input_ids == mask_id)
+                mask_id: int, normalized: bool = False) -> Tensor:
+        """Input embeddings (B, L, D) for `input_ids`, soft-masked from `prev_logits` (B, L, V).
+
+        Raw logits have their [MASK] column dropped (the SUBS distribution); `normalized=True`
+        says prev_logits already are SUBS log-probabilities, as the samplers pass them.
+        """
+        lam, top_idx, pi = self.feedback(prev_logits, input_ids == mask_id, normalized, mask_id)
         return self.mix(input_ids, lam, top_idx, pi, embedding_weight)
 
     # --- export / import ----------------------------------------------------------------------

@@ -48,6 +48,8 @@ class TwoPass(nn.Module):
         if not use_sm:
             return self.backbone(input_ids=xt, attention_mask=attention_mask)
         # Pass 1 predicts p without a graph; its logits are constants for pass 2 (the paper's scheme).
+        # SoftMask drops the [MASK] column itself, which gives the SUBS distribution the official
+        # code feeds back at every masked position (the only ones soft-masked).
         with torch.no_grad():
             prev = self.backbone(input_ids=xt, attention_mask=attention_mask)
         embeds = self.softmask(xt, prev, self.backbone.embedding_weight(), self.backbone.mask_id)

@@ -75,3 +75,26 @@ def test_full_quickstart_lowers_the_validation_elbo(tmp_path):
     vals = [json.loads(x)["val_nll"] for x in (tmp_path / "qs" / "metrics.jsonl").read_text().splitlines()
             if "val_nll" in x]
     assert vals[-1] < vals[0] - 1.0
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.toml")))
+def test_every_shipped_recipe_loads(recipe):
+    from smdlm_cli.recipe import load_recipe
+
+    r = load_recipe(ROOT / "recipes" / recipe)
+    assert r.train.steps > 0 and r.model.length >= 64
+
+
+@pytest.mark.parametrize("recipe, missing", [("owt.toml", "'gpt2'"), ("owt-binary.toml", "'gpt2'"),
+                                             ("owt-continue.toml", "'gpt2'")])
+def test_owt_recipes_fail_fast_offline(recipe, missing, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from smdlm_cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    start = time.time()
+    result = CliRunner().invoke(app, ["pretrain", str(ROOT / "recipes" / recipe)])
+    assert result.exit_code == 2 and time.time() - start < 30
+    assert missing in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no debris

@@ -96,7 +96,7 @@ def resumed(result, cwd):
 def owt_offline(result, cwd):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "gpt2" in result.stderr and "Traceback" not in result.stderr
-    assert not (cwd / "runs" / "owt" / "model.safetensors").exists()
+    assert not (cwd / "runs" / "owt").exists()  # the same command works once online
 
 
 def ddp(result, cwd):

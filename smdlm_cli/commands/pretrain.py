@@ -9,6 +9,7 @@ The loop itself is core/trainer.py; this file only assembles its inputs and repo
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -129,7 +130,24 @@ def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool) -> Pa
     run_dir = _run_dir(recipe_path, out, resume)
     if resume:
         _check_resume_recipe(run_dir, recipe)
+    fresh = not run_dir.exists()
     _barrier()  # every rank has checked the directory before rank 0 writes into it
+    try:
+        inputs = _setup(recipe, run_dir, resume, ctx)
+    except UserError:
+        # A run that failed before its first step (offline, bad data) leaves nothing behind, so
+        # the same command works once the cause is fixed; a directory it did not create is kept.
+        if fresh and ctx.main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    result = _train_with_progress(recipe, *inputs, run_dir, ctx, resume)
+    if ctx.main:
+        _summary(run_dir, result)
+    return run_dir
+
+
+def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):
+    """Tokenizer, model, data: (backbone, softmask, loader, validation batches)."""
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -152,10 +170,7 @@ def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool) -> Pa
         n_params = sum(p.numel() for p in backbone.parameters())
         console.print(f"{kind} MDLM, {n_params / 1e6:.2f}M parameters, {train_blocks.shape[0]} "
                       f"training blocks of {length} tokens, {ctx.world} process(es) on {ctx.device}")
-    result = _train_with_progress(recipe, backbone, softmask, loader, valid, run_dir, ctx, resume)
-    if ctx.main:
-        _summary(run_dir, result)
-    return run_dir
+    return backbone, softmask, loader, valid
 
 
 def _train_with_progress(recipe, backbone, softmask, loader, valid, run_dir, ctx, resume):

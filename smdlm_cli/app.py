@@ -111,12 +111,49 @@ def finetune() -> None:
     command.run()
 
 
-@app.command(context_settings=_ANY_ARGS)
-def sample() -> None:
-    """Generate with the MDLM, ReMDM and confidence samplers, SM feedback (not available yet)."""
+@app.command()
+def sample(
+    nfe: Annotated[int, typer.Option("--nfe", help="denoising steps (forward passes at most)")] = 128,
+    k: Annotated[Optional[int], typer.Option("--k", help="soft-masking top-k; default the "
+                                             "checkpoint's; 0 decodes with binary masks")] = None,
+    ckpt: Annotated[Optional[str], typer.Option("--ckpt", metavar="DIR",
+                                                help="run directory; default: newest under ./runs")] = None,
+    sampler: Annotated[str, typer.Option("--sampler", help="mdlm, remdm-cap, remdm-loop or "
+                                                           "confidence")] = "mdlm",
+    num_samples: Annotated[int, typer.Option("--num-samples", help="samples to draw")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="samples decoded together")] = 8,
+    length: Annotated[Optional[int], typer.Option("--length", help="tokens per sample, BOS "
+                                                  "included; default the model's length")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="text every sample "
+                                                        "starts with (repeatable: rows cycle)")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="one prompt per "
+                                                        "line")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="nucleus mass")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="sample i uses seed + i")] = 0,
+    sm_schedule: Annotated[str, typer.Option("--sm-schedule", help="none, linear or stepwise")] = "none",
+    exact: Annotated[bool, typer.Option("--exact", help="recompute instead of reusing a step "
+                                                        "that changed nothing")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")] = "auto",
+    out: Annotated[Optional[str], typer.Option("--out", metavar="FILE", help="JSONL to write; "
+                                               "default DIR/samples/samples-<time>.jsonl")] = None,
+    show_steps: Annotated[bool, typer.Option("--show-steps", help="replay the first sample's "
+                                             "denoising, masks shaded by lambda")] = False,
+) -> None:
+    """Generate samples from a run: any sampler, binary or soft-masked; JSONL + JSON sidecar."""
     from smdlm_cli.commands import sample as command
 
-    command.run()
+    prompts = list(prompt or [])
+    if prompt_file is not None:
+        try:
+            prompts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UserError(f"--prompt-file {prompt_file}: {e.strerror}") from None
+    settings = command.SampleSettings(
+        ckpt=ckpt, nfe=nfe, k=k, sampler=sampler, num_samples=num_samples, batch_size=batch_size,
+        length=length, prompts=prompts, top_p=top_p, temperature=temperature, seed=seed,
+        sm_schedule=sm_schedule, exact=exact, device=device, out=out)
+    _out().print(Text(str(command.run(settings, show_steps=show_steps))))
 
 
 @app.command(context_settings=_ANY_ARGS)
@@ -127,12 +164,35 @@ def evaluate() -> None:
     command.run()
 
 
-@app.command("inspect-lambda", context_settings=_ANY_ARGS)
-def inspect_lambda() -> None:
-    """The learned omega and lambda(p): table, curve plot, in decoding (not available yet)."""
+@app.command("inspect-lambda")
+def inspect_lambda(
+    target: Annotated[Optional[str], typer.Argument(metavar="[RUN_OR_JSON]", show_default=False,
+                                                    help="run directory, softmask.json or official "
+                                                         "transparency_config.json; default: newest "
+                                                         "run under ./runs")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON only")] = False,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="FILE", help="curve plot; "
+                                                "default RUN/lambda.png")] = None,
+    decode: Annotated[bool, typer.Option("--decode", help="also sample and plot lambda over the "
+                                                          "decoding steps")] = False,
+    nfe: Annotated[int, typer.Option("--nfe", help="steps of the --decode pass")] = 32,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="samples of the --decode "
+                                             "pass")] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    length: Annotated[Optional[int], typer.Option("--length", help="tokens per --decode sample")] = None,
+    decode_png: Annotated[Optional[Path], typer.Option("--decode-png", metavar="FILE",
+                                                       help="default RUN/lambda-decode.png")] = None,
+) -> None:
+    """The learned omega and lambda(H): table, curve (terminal and PNG), lambda during decoding."""
+    import json
+
     from smdlm_cli.commands import inspect_lambda as command
 
-    command.run()
+    info, path = command.run(target, png, decode, nfe, num_samples, seed, length, decode_png)
+    if as_json:
+        print(json.dumps(info))
+    else:
+        command.show(info, path, _out())
 
 
 def main() -> None:

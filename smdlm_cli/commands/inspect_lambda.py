@@ -1,15 +1,188 @@
-"""`smdlm inspect-lambda`: the learned omega and lambda(p): table, curve plot, lambda in decoding.
+"""`smdlm inspect-lambda`: what a checkpoint's soft-masking learned, and what it does in decoding.
 
-Not built yet: `run` says so as a UserError (exit 2, one line) instead of pretending to work. The
-issue that builds the lambda inspector replaces this module and the command's options in app.py.
+λ(H) = scale · σ(steepness · (−H − centre)) over the entropy range [0, ln V] of the model's
+vocabulary: as a table of ω (values and raw parameters), its key points, a terminal plot and a
+PNG. `--decode` runs a sampling pass with a trace and plots λ over the decoding steps (mean and
+q10–q90 over the masked positions) and the share of masks with λ > 0.1.
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+import json
+import math
+from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from smdlm_cli.core import checkpoint
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.softmask import SoftMask
+
+GPT2_MDLM_VOCAB = 50258  # for a bare transparency_config.json, which does not say its vocabulary
+POINTS = 101
+DECODE_KEYS = ("lam_mean", "lam_q10", "lam_q50", "lam_q90", "lam_share_gt_0.1")
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
-def run() -> NoReturn:
-    raise UserError("smdlm inspect-lambda: not available yet in this version")
+def load_target(target: str | None) -> tuple[Path, SoftMask, int, bool]:
+    """(path, SoftMask, vocabulary size, is a run directory) for a run directory or a JSON file."""
+    path = checkpoint.find_latest_run("runs") if target is None else Path(target)
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory or JSON file")
+    softmask = checkpoint.load_softmask(path)
+    if softmask is None:
+        raise UserError(f"{path}: no soft-masking parameters (a binary run); expected a run trained "
+                        f"with [softmask] enabled = true, or a softmask/transparency_config JSON")
+    vocab = GPT2_MDLM_VOCAB
+    if path.is_dir() and (path / "config.json").exists():
+        vocab = int(json.loads((path / "config.json").read_text()).get("vocab_size", vocab))
+    return path, softmask, vocab, path.is_dir()
+
+
+def curve(softmask: SoftMask, vocab: int) -> list[list[float]]:
+    """[entropy, λ] pairs from 0 to ln V (nats)."""
+    with torch.no_grad():
+        h = torch.linspace(0.0, math.log(vocab), POINTS)
+        lam = softmask.lam_from_entropy(h)
+    return [[float(a), float(b)] for a, b in zip(h, lam)]
+
+
+def describe(softmask: SoftMask, vocab: int) -> dict:
+    with torch.no_grad():
+        at = lambda h: float(softmask.lam_from_entropy(torch.tensor(float(h))))  # noqa: E731
+        scale, centre = float(softmask.scale), float(softmask.centre)
+        temp = softmask.temperature
+        return {
+            "scale": scale, "centre": centre, "steepness": float(softmask.steepness),
+            "k": softmask.k, "temperature": None if temp is None else float(temp),
+            "raw": {name: float(p) for name, p in softmask.named_parameters()},
+            "vocab_size": vocab,
+            "key_points": {
+                "entropy_at_half_scale": -centre,  # σ(0) = 1/2 where −H − centre = 0
+                "lambda_at_zero_entropy": at(0.0),
+                "lambda_at_max_entropy": at(math.log(vocab)),
+            },
+            "curve": curve(softmask, vocab),
+        }
+
+
+def text_plot(points: list[list[float]], height: int = 12, width: int = 60, top: float | None = None) -> str:
+    """A column plot of y against x in block characters, y from 0 to `top` (default the max)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    top = top or max(max(ys), 1e-12)
+    cols = [ys[min(len(ys) - 1, round(i * (len(ys) - 1) / (width - 1)))] for i in range(width)]
+    rows = []
+    for r in range(height, 0, -1):
+        line = "".join("█" if y / top >= (r - 0.5) / height else " " for y in cols)
+        label = f"{top:9.3g} │" if r == height else "          │"
+        rows.append(label + line)
+    rows.append("        0 └" + "─" * width)
+    rows.append(f"          {xs[0]:<.3g}{'entropy (nats)':^{width - 8}}{xs[-1]:.3g}")
+    return "\n".join(rows)
+
+
+def plot_curve(info: dict, file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, lam = zip(*info["curve"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(h, lam)
+    ax.axvline(info["key_points"]["entropy_at_half_scale"], ls=":", c="grey", label="λ = scale/2")
+    ax.set(xlabel="entropy of the prediction H(p) (nats)", ylabel="λ",
+           title=f"scale {info['scale']:.3g}, centre {info['centre']:.3g}, "
+                 f"steepness {info['steepness']:.3g}, k {info['k']}")
+    ax.legend()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_decode(stats: dict, file: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(len(stats["lam_mean"]))
+    nan = float("nan")
+    get = lambda key: [nan if v is None else v for v in stats[key]]  # noqa: E731
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    a.fill_between(steps, get("lam_q10"), get("lam_q90"), alpha=0.3, label="q10–q90")
+    a.plot(steps, get("lam_mean"), label="mean")
+    a.plot(steps, get("lam_q50"), ls="--", label="median")
+    a.set(ylabel="λ over masked positions")
+    a.legend()
+    b.plot(steps, get("lam_share_gt_0.1"))
+    b.set(xlabel="decoding step", ylabel="share of masks with λ > 0.1")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def decode_stats(run_dir: Path, nfe: int, num_samples: int, seed: int, length: int | None) -> dict:
+    """λ statistics per decoding step of an mdlm sampling pass with SM feedback."""
+    from smdlm_cli.commands.sample import SampleSettings, generate
+
+    settings = SampleSettings(ckpt=str(run_dir), nfe=nfe, num_samples=num_samples,
+                              batch_size=num_samples, seed=seed, length=length)
+    *_, trace, _ = generate(settings, trace=True)
+    clean = lambda v: None if math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
+    stats = {key: [clean(v) for v in trace[key]] for key in DECODE_KEYS}
+    stats["forward"] = trace["forward"]
+    return stats
+
+
+def run(target: str | None, png: Path | None, decode: bool, nfe: int, num_samples: int,
+        seed: int, length: int | None, decode_png: Path | None) -> tuple[dict, Path]:
+    """The report (the `--json` output) and the checkpoint it describes; writes the PNGs."""
+    path, softmask, vocab, is_run = load_target(target)
+    info = describe(softmask, vocab)
+    base = path if is_run else path.parent
+    png = png or base / ("lambda.png" if is_run else f"{path.stem}-lambda.png")
+    plot_curve(info, png)
+    err.print(f"λ curve written to {png}")
+    if decode:
+        if not is_run:
+            raise UserError(f"--decode: {path} is a JSON file; expected a run directory (it samples)")
+        info["decode"] = decode_stats(path, nfe, num_samples, seed, length)
+        decode_png = decode_png or base / "lambda-decode.png"
+        plot_decode(info["decode"], decode_png)
+        err.print(f"λ over decoding steps written to {decode_png}")
+    return info, path
+
+
+def show(info: dict, path: Path, console: Console) -> None:
+    """The report for people: ω table, key points, terminal curve, decoding table."""
+    table = Table(title=f"soft-masking of {path}")
+    for col in ("ω", "value", "raw parameter"):
+        table.add_column(col)
+    raw = info["raw"]
+    table.add_row("scale ω_s", f"{info['scale']:.6g}", f"raw_scale = {raw['raw_scale']:.6g}")
+    table.add_row("centre ω_b", f"{info['centre']:.6g}", f"raw_centre = {raw['raw_centre']:.6g}")
+    table.add_row("steepness ω_a", f"{info['steepness']:.6g}",
+                  f"raw_steepness = {raw['raw_steepness']:.6g}")
+    if info["temperature"] is not None:
+        table.add_row("temperature", f"{info['temperature']:.6g}",
+                      f"raw_temperature = {raw['raw_temperature']:.6g}")
+    table.add_row("k", str(info["k"]), "")
+    console.print(table)
+    kp = info["key_points"]
+    console.print(f"λ = scale/2 at entropy {kp['entropy_at_half_scale']:.4g} nats; λ at zero entropy "
+                  f"{kp['lambda_at_zero_entropy']:.4g}; at ln V = {math.log(info['vocab_size']):.3g} "
+                  f"nats {kp['lambda_at_max_entropy']:.3g}")
+    console.print("λ against the entropy of the prediction:")
+    console.print(text_plot(info["curve"], top=info["scale"] or None))
+    if "decode" in info:
+        d = info["decode"]
+        steps = Table(title="λ over decoding steps (masked positions)")
+        for col in ("step", "mean", "q10", "q50", "q90", "share λ>0.1"):
+            steps.add_column(col, justify="right")
+        fmt = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
+        for i in range(len(d["lam_mean"])):
+            steps.add_row(str(i), *(fmt(d[key][i]) for key in DECODE_KEYS))
+        console.print(steps)

@@ -230,8 +230,9 @@ def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool,
     """Per-step decoding record, computed after the loop (the loop only kept device tensors).
 
     tokens (steps + 1, B, L) on the CPU (state before each step, then the result before noise
-    removal); per step and row: unmasked, remasked, masks_left (after the step); per step: forward,
-    and the lambda statistics over the positions masked in that forward's input (NaN when no forward
+    removal); lam (steps, B, L): the lambda each position entered the step's forward with (0 where
+    not masked or without a forward); per step and row: unmasked, remasked, masks_left (after the
+    step); per step: forward, and the lambda statistics over the positions masked in that forward's input (NaN when no forward
     ran or decoding was binary): mean, q10, q50, q90, share > 0.1.
     """
     tokens = torch.stack(snapshots).cpu()
@@ -246,12 +247,15 @@ def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool,
     }
     stats = {key: [] for key in ("lam_mean", "lam_q10", "lam_q50", "lam_q90", "lam_share_gt_0.1")}
     nan = float("nan")
+    lam_maps = []  # per step, the lambda each position entered the step's forward with
     for entry in lam_log:
         if entry is None or entry[1] is None:
+            lam_maps.append(torch.zeros(tokens.shape[1:]))
             for v in stats.values():
                 v.append(nan)
             continue
         lam, is_mask = (t.float().cpu() for t in entry)
+        lam_maps.append(lam * is_mask)
         vals = torch.where(is_mask.bool(), lam, torch.full_like(lam, nan)).flatten()
         has = bool(is_mask.any())
         stats["lam_mean"].append(float(vals.nanmean()) if has else nan)
@@ -259,4 +263,5 @@ def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool,
             stats[key].append(float(vals.nanquantile(q)) if has else nan)
         stats["lam_share_gt_0.1"].append(float((vals > 0.1).sum() / is_mask.sum()) if has else nan)
     out.update(stats)
+    out["lam"] = torch.stack(lam_maps) if lam_maps else torch.zeros(0, *tokens.shape[1:])
     return out

@@ -81,6 +81,22 @@ def quickstart(result, cwd):
     assert "to train longer" in result.stderr and "runs/quickstart" in result.stderr
 
 
+def sampled(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = cwd / result.stdout.strip().splitlines()[-1]
+    assert out.parent == cwd / "runs" / "quickstart" / "samples"
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(isinstance(r["text"], str) and r["nfe"] <= 65 for r in rows)
+    assert "sampling from runs/quickstart" in result.stderr
+
+
+def inspected(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scale ω_s" in result.stdout and "λ over decoding steps" in result.stdout
+    for name in ("lambda.png", "lambda-decode.png"):
+        assert (cwd / "runs" / "quickstart" / name).stat().st_size > 1000
+
+
 def longer(result, cwd):
     assert result.returncode == 0, result.stderr[-2000:]
     recipe = (cwd / "runs" / "longer" / "recipe.toml").read_text()
@@ -108,6 +124,8 @@ def ddp(result, cwd):
 # README command -> check of its result, in README order (later commands use earlier runs).
 EXERCISED = {
     "smdlm pretrain recipes/quickstart.toml": quickstart,
+    "smdlm sample --nfe 64 --k 3": sampled,
+    "smdlm inspect-lambda --decode": inspected,
     "smdlm pretrain recipes/quickstart.toml --out runs/longer --set train.steps=1000 --set softmask.prob=0.5": longer,
     "smdlm pretrain runs/longer/recipe.toml --out runs/longer --resume": resumed,
     "smdlm pretrain recipes/owt.toml": owt_offline,

@@ -1,6 +1,9 @@
 """Corpora and packing: splits are disjoint and stable, blocks are MDLM's, the loader resumes."""
 
 import json
+import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +23,15 @@ def tok():
 def test_stdlib_split_is_by_file_disjoint_and_stable():
     cfg = DataConfig(valid_fraction=0.1)
     train, valid = list(iter_documents(cfg, "train")), list(iter_documents(cfg, "valid"))
-    n = len(data.stdlib_files())
-    assert n > 500 and len(train) + len(valid) == n
-    assert 0.05 < len(valid) / n < 0.15
-    root = data.stdlib_files()[0].parents[0]
-    while not (root / "os.py").exists():
-        root = root.parent
-    held_out = [p for p in data.stdlib_files() if data._is_valid(str(p.relative_to(root)), 0.1)]
-    assert valid == [p.read_text(errors="replace") for p in held_out]  # whole files, by path hash
+    files = data.stdlib_files()
+    assert len(files) > 500 and len(train) + len(valid) == len(files)
+    assert 0.05 < len(valid) / len(files) < 0.15
+    root = Path(sysconfig.get_paths()["stdlib"])
+    held_out = {p for p in files if data._is_valid(str(p.relative_to(root)), 0.1)}
+    texts = {p: p.read_text(errors="replace") for p in files}
+    # whole files, by path hash, in sorted order; train is exactly the rest
+    assert valid == [texts[p] for p in files if p in held_out]
+    assert train == [texts[p] for p in files if p not in held_out]
     assert list(iter_documents(cfg, "valid")) == valid
     assert list(iter_documents(DataConfig(valid_fraction=0.1, max_docs=7), "train")) == train[:7]
     assert all("site-packages" not in str(p) for p in data.stdlib_files())
@@ -67,6 +71,10 @@ def test_local_jsonl_and_txt_sources(tmp_path, tok):
     docs = list(iter_documents(DataConfig(source=str(txt), valid_fraction=0.5), "train")) + \
         list(iter_documents(DataConfig(source=str(txt), valid_fraction=0.5), "valid"))
     assert sorted(docs) == sorted(f"text file {i}\n" for i in range(10))
+    moved = tmp_path / "moved"
+    shutil.copytree(txt, moved)  # the split hashes paths relative to the source
+    assert list(iter_documents(DataConfig(source=str(moved), valid_fraction=0.5), "valid")) == \
+        list(iter_documents(DataConfig(source=str(txt), valid_fraction=0.5), "valid"))
     with pytest.raises(UserError, match="no string field 'body'"):
         list(iter_documents(DataConfig(source=str(tmp_path / "c.jsonl"), text_field="body"), "train"))
 
@@ -79,8 +87,16 @@ def test_hub_dataset_offline_is_one_line_error():
 
 def test_too_little_text_is_named(tok, tmp_path):
     (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(UserError, match="too little train text"):
+    with pytest.raises(UserError, match="too little training text"):
         build_corpus(DataConfig(source=str(tmp_path / "a.txt")), tok, 64, tmp_path / "cache")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(20):  # plenty of training text, validation files far too short for a block
+        name = f"{i}.txt"
+        short = data._is_valid(name, 0.3)
+        (docs / name).write_text("x" if short else "def f(x):\n    return x\n" * 40)
+    with pytest.raises(UserError, match="'.*docs'.*too little validation text for one block of 64"):
+        build_corpus(DataConfig(source=str(docs), valid_fraction=0.3), tok, 64, tmp_path / "cache")
 
 
 def rows(n=23, length=4):

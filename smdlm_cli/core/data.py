@@ -36,31 +36,38 @@ def stdlib_files() -> list[Path]:
 
 def _is_valid(key: str, fraction: float) -> bool:
     """A stable split: a document goes to validation by a hash of its key, never by its order."""
-    return int(hashlib.md5(key.encode()).hexdigest(), 16) % _BUCKETS < fraction * _BUCKETS
+    digest = hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()
+    return int(digest, 16) % _BUCKETS < fraction * _BUCKETS
 
 
-def _split(items: Iterable[tuple[str, str]], cfg: DataConfig, split: str) -> Iterator[str]:
-    """Texts of (key, text) pairs that fall into `split`, at most cfg.max_docs of them."""
+def _split(items: Iterable[tuple[str, str | Path]], cfg: DataConfig, split: str) -> Iterator[str]:
+    """Texts of (key, text or file) pairs that fall into `split`, at most cfg.max_docs of them.
+
+    Files are read only once kept, so the small validation split does not read the whole corpus.
+    """
     want_valid = split == "valid"
-    kept = (text for key, text in items if _is_valid(key, cfg.valid_fraction) == want_valid)
-    return itertools.islice(kept, cfg.max_docs or None)
+    kept = (doc for key, doc in items if _is_valid(key, cfg.valid_fraction) == want_valid)
+    texts = (doc.read_text(errors="replace") if isinstance(doc, Path) else doc for doc in kept)
+    return itertools.islice(texts, cfg.max_docs or None)
 
 
-def _local(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str]]:
+def _local(path: Path, cfg: DataConfig) -> Iterator[tuple[str, str | Path]]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
+        # Keys relative to the source: the split does not change when the corpus is moved.
+        f_key = str(f.relative_to(path)) if path.is_dir() else f.name
         if f.suffix == ".txt":
-            yield str(f), f.read_text(errors="replace")
+            yield f_key, f
         elif f.suffix == ".jsonl":
             with open(f, encoding="utf-8") as lines:
                 for n, line in enumerate(lines):
                     if line.strip():
-                        yield f"{f}:{n}", _field(json.loads(line), cfg, f"{f}:{n + 1}")
+                        yield f"{f_key}:{n}", _field(json.loads(line), cfg, f"{f}:{n + 1}")
         elif f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             for n, row in enumerate(pq.read_table(f, columns=[cfg.text_field]).to_pylist()):
-                yield f"{f}:{n}", _field(row, cfg, f"{f} row {n}")
+                yield f"{f_key}:{n}", _field(row, cfg, f"{f} row {n}")
         elif not path.is_dir():
             raise UserError(f"data.source = {str(path)!r}: expected a .txt, .jsonl or .parquet file")
 
@@ -93,8 +100,7 @@ def iter_documents(cfg: DataConfig, split: str) -> Iterator[str]:
     """The documents (strings) of the "train" or "valid" split of cfg.source."""
     if cfg.source == STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"])
-        files = ((str(p.relative_to(root)), p) for p in stdlib_files())
-        return _split(((key, p.read_text(errors="replace")) for key, p in files), cfg, split)
+        return _split(((str(p.relative_to(root)), p) for p in stdlib_files()), cfg, split)
     path = Path(cfg.source)
     if path.exists():
         return _split(_local(path, cfg), cfg, split)
@@ -110,8 +116,10 @@ def pack_blocks(docs: Iterable[str], tok, length: int, batch: int = 256) -> Tens
     blocks: list[Tensor] = []
     docs = iter(docs)
     while texts := list(itertools.islice(docs, batch)):
-        for ids in tok(texts, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
+        # The Rust backend directly: no Python overhead, and no "longer than the model's maximum
+        # length" warning, which is wrong here since packing cuts the stream into blocks anyway.
+        for enc in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+            stream.extend(enc.ids)
             stream.append(eos)
         n = len(stream) // chunk
         if n:
@@ -124,7 +132,8 @@ def pack_blocks(docs: Iterable[str], tok, length: int, batch: int = 256) -> Tens
 
 def _cache_key(cfg: DataConfig, tok, length: int) -> str:
     h = hashlib.sha256()
-    for part in (cfg.source, cfg.subset, cfg.split, cfg.valid_split, cfg.valid_fraction,
+    # "split-2": local sources are split by paths relative to the source (older caches are stale).
+    for part in ("split-2", cfg.source, cfg.subset, cfg.split, cfg.valid_split, cfg.valid_fraction,
                  cfg.text_field, cfg.max_docs, length, tok.backend_tokenizer.to_str()):
         h.update(repr(part).encode() + b"\0")
     return h.hexdigest()[:24]
@@ -139,7 +148,8 @@ def build_corpus(cfg: DataConfig, tok, length: int, cache_dir: Path) -> tuple[Te
     out = {split: pack_blocks(iter_documents(cfg, split), tok, length) for split in ("train", "valid")}
     for split, blocks in out.items():
         if blocks.shape[0] == 0:
-            raise UserError(f"data.source = {cfg.source!r}: too little {split} text for one block of "
+            name = "validation" if split == "valid" else "training"
+            raise UserError(f"data.source = {cfg.source!r}: too little {name} text for one block of "
                             f"{length} tokens; expected more documents (data.max_docs, "
                             f"data.valid_fraction) or a shorter model.length")
     atomic_save_tensors(file, out)

@@ -24,9 +24,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # offline, unknown name, broken files: all mean "not usable here"
-        raise UserError(f"tokenizer {name_or_path!r}: not found locally and not downloadable "
-                        f"({type(e).__name__}); expected a tokenizer directory or a cached hub "
-                        f"name") from None
+        raise UserError(f"tokenizer {name_or_path!r}: not found locally and the hub is unreachable "
+                        f"(offline?) ({type(e).__name__}); expected a local tokenizer directory or "
+                        f"a cached hub name") from None
     if tok.mask_token is None:
         tok.add_special_tokens({"mask_token": MASK})
     if tok.bos_token is None or tok.eos_token is None:

@@ -22,6 +22,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from smdlm_cli import __version__
+from smdlm_cli.cli_evaluate import evaluate_app
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.recipe import load_recipe
 
@@ -118,8 +119,9 @@ def sample(
                                              "checkpoint's; 0 decodes with binary masks")] = None,
     ckpt: Annotated[Optional[str], typer.Option("--ckpt", metavar="DIR",
                                                 help="run directory; default: newest under ./runs")] = None,
-    sampler: Annotated[str, typer.Option("--sampler", help="mdlm, remdm-cap, remdm-loop or "
-                                                           "confidence")] = "mdlm",
+    sampler: Annotated[Optional[str], typer.Option(
+        "--sampler", help="mdlm, remdm-cap, remdm-loop or confidence; ar for an AR run; "
+                          "default mdlm (ar for an AR run)")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="samples to draw")] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="samples decoded together")] = 8,
     length: Annotated[Optional[int], typer.Option("--length", help="tokens per sample, BOS "
@@ -156,14 +158,6 @@ def sample(
     _out().print(Text(str(command.run(settings, show_steps=show_steps))))
 
 
-@app.command(context_settings=_ANY_ARGS)
-def evaluate() -> None:
-    """Evaluate: humaneval, mbpp, elbo, genppl, mauve, sweep (not available yet)."""
-    from smdlm_cli.commands import evaluate as command
-
-    command.run()
-
-
 @app.command("inspect-lambda")
 def inspect_lambda(
     target: Annotated[Optional[str], typer.Argument(metavar="[RUN_OR_JSON]", show_default=False,
@@ -193,6 +187,9 @@ def inspect_lambda(
         print(json.dumps(info))
     else:
         command.show(info, path, _out())
+
+
+app.add_typer(evaluate_app, name="evaluate")
 
 
 def main() -> None:

@@ -261,6 +261,9 @@ def _check_relations(recipe: Recipe, blame) -> None:
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise UserError(f"{blame('train.betas')}: train.betas = {_show(t.betas)}, "
                         f"expected 2 numbers in [0, 1)")
+    if recipe.model.causal and recipe.softmask.enabled:
+        raise UserError(f"{blame('model.causal', 'softmask.enabled')}: model.causal = true trains an "
+                        f"AR model, which has no masks to soften; expected softmask.enabled = false")
     # Whether it divides the per-rank batch depends on the world size: the trainer checks that.
     if t.micro_batch_size > t.batch_size:
         raise UserError(f"{blame('train.micro_batch_size', 'train.batch_size')}: "

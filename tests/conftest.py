@@ -1,6 +1,9 @@
 """Test-wide settings: never touch the network, never write outside tmp dirs."""
 
 import os
+from pathlib import Path
+
+import pytest
 
 # Nothing may reach a hub from the tests: offline mode makes hub loaders fail fast instead of
 # waiting on timeouts, and the loaders' one-line errors are what the tests check.
@@ -15,3 +18,23 @@ def pytest_configure(config):
 
     # The data cache lives in a per-session temporary directory, not in ~/.cache.
     os.environ["SMDLM_CACHE"] = tempfile.mkdtemp(prefix="smdlm-test-cache-")
+
+
+TINY = ["data.max_docs=40", "data.vocab_size=400", "model.length=48", "train.steps=6",
+        "train.batch_size=4", "train.eval_every=3", "train.eval_batches=2", "train.save_every=3",
+        "train.log_every=1", "train.warmup=2"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Two real, tiny runs made by `smdlm pretrain`'s code: an SM diffusion model and the AR
+    baseline, on the same corpus and BPE settings (so the same tokenizer)."""
+    from smdlm_cli.commands import pretrain
+    from smdlm_cli.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for name, recipe in (("sm", "recipes/quickstart.toml"), ("ar", "recipes/quickstart-ar.toml")):
+        loaded = load_recipe(Path(__file__).parents[1] / recipe, TINY)
+        runs[name] = pretrain.run(loaded, recipe_path=Path(recipe), out=root / name, resume=False)
+    return runs

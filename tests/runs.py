@@ -23,12 +23,13 @@ def tokenizer():
     return _TOKENIZER["tok"]
 
 
-def make_run(path: Path, softmask: SoftMask | None = None, seed: int = 0) -> Path:
-    """Random tiny DiT (non-zero output layer, so samples depend on the input) + BPE + SoftMask."""
+def make_run(path: Path, softmask: SoftMask | None = None, seed: int = 0, causal: bool = False) -> Path:
+    """Random tiny DiT (non-zero output layer, so samples depend on the input) + BPE + SoftMask;
+    with `causal`, the AR baseline's layout."""
     tok = tokenizer()
     torch.manual_seed(seed)
     model = build_dit("tiny", len(tok), tok.mask_token_id, LENGTH, hidden_dim=32, n_blocks=2,
-                      n_heads=2, cond_dim=16, dropout=0.0)
+                      n_heads=2, cond_dim=16, dropout=0.0, causal=causal)
     for name, p in model.named_parameters():
         if "adaLN" in name or "output_layer.linear" in name:
             torch.nn.init.normal_(p, std=0.3)

@@ -1,5 +1,5 @@
 """The `smdlm` app: `pretrain` hands the parsed recipe to its command module, every user error is
-one `error:` line on stderr with exit 2, the placeholders (finetune, evaluate) say they are not available yet."""
+one `error:` line on stderr with exit 2, the placeholder (finetune) says they are not available yet."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_usage_errors_exit_2(args):
     assert runner.invoke(app, args).exit_code == 2
 
 
-@pytest.mark.parametrize("name", ["finetune", "evaluate"])
+@pytest.mark.parametrize("name", ["finetune"])
 @pytest.mark.parametrize("extra", [[], ["--ckpt", "runs/x", "humaneval", "--steps=3"]])
 def test_placeholders_say_not_available(name, extra):
     result = runner.invoke(app, [name, *extra])

@@ -1,15 +1,269 @@
-"""`smdlm evaluate`: evaluation tasks: humaneval, mbpp, elbo, genppl, mauve, sweep.
+"""`smdlm evaluate TASK`: humaneval, mbpp, elbo, genppl and mauve of a run (the sweep: sweep.py).
 
-Not built yet: `run` says so as a UserError (exit 2, one line) instead of pretending to work. The
-issue that builds evaluation replaces this module and the command's options in app.py.
+Each task loads what it needs, runs with a Rich progress bar, and writes one JSON report
+(evals/report.py) with the metrics at its top level; the CLI prints the report's path, or the
+report itself with --json. Code tasks also write the samples they generated next to the report,
+in the format `--samples` reads back, so a scoring can be redone without the model.
+
+Not here: the metrics (evals/) and the decoding (core/samplers/).
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import torch
+
+from smdlm_cli.commands import sample
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.io import atomic_write_text
+from smdlm_cli.core.models import read_config
+from smdlm_cli.core.samplers import decode
+from smdlm_cli.core.tokenizer import load_tokenizer
+from smdlm_cli.evals import code, elbo as elbo_eval, genppl as genppl_eval, humaneval
+from smdlm_cli.evals import mauve as mauve_eval, mbpp
+from smdlm_cli.evals.execution import Limits
+from smdlm_cli.evals.report import console, new_report, progress, report_path, timed, write_report
+from smdlm_cli.evals.scorer import load_scorer
+
+DEFAULT_SCORER = "gpt2-large"  # the paper's; offline, pass an AR run (recipes/quickstart-ar.toml)
+FORMATS = ("base", "instruct")
 
 
-def run() -> NoReturn:
-    raise UserError("smdlm evaluate: not available yet in this version")
+# --- code benchmarks ----------------------------------------------------------------------------
+@dataclass
+class CodeSettings:
+    samples: str | None = None        # score this JSONL instead of generating
+    dataset: str | None = None        # None: the benchmark's default
+    format: str = "base"
+    tests: str = "3-assert"           # mbpp only
+    limit: int = 0                    # first N problems; 0 = all
+    n: int = 1                        # samples per problem
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    max_new_tokens: int = 0           # 0: the benchmark's default, capped by the model's length
+    timeout: float = 5.0
+    memory_mb: int = 1024
+    workers: int = 0
+    out: str | None = None
+
+
+def _problems(task: str, c: CodeSettings) -> dict[str, code.Problem]:
+    if task == "humaneval":
+        problems = humaneval.load_problems(c.dataset)
+    else:
+        problems = mbpp.load_problems(c.dataset or mbpp.DEFAULT, c.tests)
+    if c.limit < 0:
+        raise UserError(f"--limit {c.limit}: expected 0 (all problems) or a positive count")
+    keys = list(problems)[:c.limit or None]
+    return {k: problems[k] for k in keys}
+
+
+def _check_code(c: CodeSettings) -> None:
+    if c.format not in FORMATS:
+        raise UserError(f"--format {c.format}: expected base or instruct")
+    if c.n < 1:
+        raise UserError(f"--num-samples {c.n}: expected an integer >= 1")
+    bad = [k for k in c.pass_k if k < 1 or (k > c.n and not c.samples)]
+    if bad:
+        raise UserError(f"--pass-k {bad[0]}: expected values from 1 to --num-samples ({c.n})")
+    if c.timeout <= 0 or c.memory_mb < 64:
+        raise UserError(f"--timeout {c.timeout} / --memory-mb {c.memory_mb}: expected a positive "
+                        f"timeout and at least 64 MB")
+
+
+def complete(s: sample.SampleSettings, loaded: tuple, prompts: list[str], n: int, max_new: int,
+             on_batch=None) -> tuple[list[list[str]], dict]:
+    """n generations of at most max_new tokens for each prompt: (texts[prompt][i], info).
+
+    `loaded`: (run_dir, model, tokenizer, softmask) from sample.load_run on s.device.
+
+    A row is [BOS] + prompt + max_new masks, right-padded (attention mask) to the batch's longest;
+    a prompt longer than the model's length allows is cut from the left, as Dream's evaluation.
+    Generation j of prompt i uses seed s.seed + i * n + j, whatever the batching.
+    """
+    run_dir, model, tok, softmask = loaded
+    softmask = sample.choose_softmask(softmask, s.k, run_dir)
+    softmask = softmask.to(model.embedding_weight().device) if softmask is not None else None
+    length = model.config.model_length
+    if max_new > length - 2:
+        raise UserError(f"--max-new-tokens {max_new}: the model holds {length} tokens; expected at "
+                        f"most {length - 2}")
+    sampler = s.sampler or ("ar" if model.config.causal else "mdlm")
+    steps = s.nfe or max_new
+    sample.validate_sampler_args(sampler, steps=steps, **sample._sampler_options(s))
+    budget = length - 1 - max_new
+    encoded, cut_prompts = [], 0
+    for text in prompts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        cut_prompts += len(ids) > budget
+        encoded.append(ids[-budget:])
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    out = [[""] * n for _ in prompts]
+    eos = tok.eos_token or ""
+    for start in range(0, len(jobs), s.batch_size):
+        batch = jobs[start:start + s.batch_size]
+        rows = [[tok.bos_token_id] + encoded[i] + [model.mask_id] * max_new for i, _ in batch]
+        width = max(len(r) for r in rows)
+        x = torch.full((len(rows), width), tok.pad_token_id or tok.eos_token_id, dtype=torch.long)
+        attn = torch.zeros_like(x)
+        for b, r in enumerate(rows):
+            x[b, :len(r)] = torch.tensor(r)
+            attn[b, :len(r)] = 1
+        result = decode(model, x, sampler=sampler, steps=steps, softmask=softmask,
+                        attention_mask=attn, generator_seeds=[s.seed + i * n + j for i, j in batch],
+                        sm_schedule=s.sm_schedule, exact=s.exact, **sample._sampler_options(s))
+        tokens = result.tokens.cpu().tolist()
+        for b, (i, j) in enumerate(batch):
+            gen = tokens[b][1 + len(encoded[i]):len(rows[b])]
+            text = tok.decode(gen, skip_special_tokens=False)
+            out[i][j] = text.split(eos)[0] if eos else text
+        if on_batch is not None:
+            on_batch(len(batch))
+    info = {"run_dir": str(run_dir), "sampler": sampler, "nfe": steps, "max_new_tokens": max_new,
+            "prompts_cut": cut_prompts, "k": softmask.k if softmask else 0, "model_length": length}
+    return out, info
+
+
+def code_task(task: str, s: sample.SampleSettings, c: CodeSettings) -> tuple[dict, Path]:
+    """humaneval or mbpp: generate (or read) samples, run them in the sandbox, pass@k report."""
+    _check_code(c)
+    bench = humaneval if task == "humaneval" else mbpp
+    problems = _problems(task, c)
+    settings = {"sampling": asdict(s), "code": asdict(c)}
+    report = new_report(task, settings, None if c.samples else sample.resolve_run(s.ckpt))
+    path = report_path(task, c.out, None if c.samples else report["checkpoint"]["path"])
+    if c.samples:
+        samples = [x for x in code.read_samples(c.samples) if x["task_id"] in problems]
+        if not samples:
+            raise UserError(f"--samples {c.samples}: no sample names a task of the {task} "
+                            f"problems selected")
+        fewest = min(Counter(x["task_id"] for x in samples).values())
+        if max(c.pass_k) > fewest:
+            raise UserError(f"--pass-k {max(c.pass_k)}: --samples {c.samples} has only {fewest} "
+                            f"sample(s) for some task; expected k <= that")
+    else:
+        run_dir = Path(report["checkpoint"]["path"])
+        model, tok, softmask = sample.load_run(run_dir, sample.resolve_device(s.device))
+        # the benchmark's length, unless the model is shorter: then half of it, the rest prompt
+        max_new = c.max_new_tokens or min(bench.MAX_NEW_TOKENS, model.config.model_length // 2)
+        prompts = [bench.prompt_text(p, c.format, tok) for p in problems.values()]
+        with timed(report, "generate"), progress(f"{task}: generate", len(prompts) * c.n) as advance:
+            texts, info = complete(s, (run_dir, model, tok, softmask), prompts, c.n, max_new, advance)
+        report["generation"] = info
+        samples = [bench.postprocess(p, t, c.format) for p, ts in zip(problems.values(), texts)
+                   for t in ts]
+        samples_file = path.with_suffix(".samples.jsonl")
+        atomic_write_text(samples_file, "".join(json.dumps(x) + "\n" for x in samples))
+        report["samples_file"] = str(samples_file)
+    limits = Limits(timeout=c.timeout, memory_mb=c.memory_mb, workers=c.workers)
+    with timed(report, "execute"), progress(f"{task}: run tests", len(samples)) as advance:
+        metrics, rows = code.score(problems, samples, c.pass_k, limits, lambda i, o: advance())
+    report.update(metrics)
+    report["results"] = rows
+    return report, write_report(report, path)
+
+
+# --- ELBO ---------------------------------------------------------------------------------------
+def elbo(ckpt: str | None, device: str, split: str, batch_size: int, batches: int, seed: int | None,
+         binary: bool, out: str | None) -> tuple[dict, Path]:
+    run_dir = sample.resolve_run(ckpt)
+    dev = sample.resolve_device(device)
+    if split not in ("valid", "train"):
+        raise UserError(f"--split {split}: expected valid or train")
+    model, tok, softmask = sample.load_run(run_dir, dev)
+    recipe = elbo_eval.run_recipe(run_dir)
+    settings = {"split": split, "batch_size": batch_size, "batches": batches, "seed": seed,
+                "binary": binary, "device": str(dev)}
+    report = new_report("elbo", settings, run_dir)
+    with timed(report, "elbo"):
+        sm = None if binary or softmask is None else softmask.to(dev)
+        report.update(elbo_eval.elbo(model, sm, tok, recipe, dev, split, batch_size, batches, seed))
+    return report, write_report(report, report_path("elbo", out, run_dir))
+
+
+# --- unconditional samples: gen-PPL, entropy, MAUVE ---------------------------------------------
+def unconditional(s: sample.SampleSettings, samples_file: str | None, task: str):
+    """(texts with special tokens kept, token ids, info) of fresh samples or of a samples JSONL."""
+    if samples_file:
+        records = sample_records(samples_file)
+        return [r["text"] for r in records], [r.get("tokens") or [] for r in records], \
+            {"samples_file": samples_file}
+    with progress(f"{task}: sample", s.num_samples) as advance:
+        run_dir, records, sidecar, _, tok = sample.generate(s, on_batch=advance)
+    texts = [tok.decode(r["tokens"], skip_special_tokens=False) for r in records]
+    return texts, [r["tokens"] for r in records], {"run_dir": str(run_dir), **sidecar["timing"],
+                                                   "sampler": sidecar["settings"]["sampler"],
+                                                   "k": sidecar["settings"]["k"]}
+
+
+def sample_records(path: str) -> list[dict]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--samples {path}: no such file; expected a JSONL file from smdlm sample")
+    records = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--samples {path}: line {n} is not JSON ({e.msg})") from None
+            if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+                raise UserError(f"--samples {path}: line {n} has no string `text`")
+            records.append(r)
+    if len(records) < 2:
+        raise UserError(f"--samples {path}: {len(records)} samples; expected at least 2")
+    return records
+
+
+def genppl(s: sample.SampleSettings, samples_file: str | None, scorer_name: str, score_batch: int,
+           out: str | None) -> tuple[dict, Path]:
+    report = new_report("genppl", {"sampling": asdict(s), "samples": samples_file,
+                                   "scorer": scorer_name}, None if samples_file else
+                        sample.resolve_run(s.ckpt))
+    scorer = load_scorer(scorer_name, sample.resolve_device(s.device))
+    with timed(report, "sample"):
+        texts, ids, info = unconditional(s, samples_file, "genppl")
+    report["generation"] = info
+    with timed(report, "score"), progress("genppl: score", len(texts)) as advance:
+        report.update(genppl_eval.gen_ppl(scorer, texts, score_batch, advance))
+    if all(ids):
+        report.update(genppl_eval.mean_entropy(ids))
+    run_dir = None if samples_file else info["run_dir"]
+    return report, write_report(report, report_path("genppl", out, run_dir))
+
+
+def mauve(s: sample.SampleSettings, samples_file: str | None, featurizer: str, refs_file: str | None,
+          num_refs: int, score_batch: int, out: str | None) -> tuple[dict, Path]:
+    device = sample.resolve_device(s.device)
+    report = new_report("mauve", {"sampling": asdict(s), "samples": samples_file,
+                                  "featurizer": featurizer, "refs": refs_file,
+                                  "num_refs": num_refs},
+                        None if samples_file else sample.resolve_run(s.ckpt))
+    scorer = load_scorer(featurizer, device, need_lm=False)
+    with timed(report, "sample"):
+        texts, _, info = unconditional(s, samples_file, "mauve")
+    report["generation"] = info
+    refs = references(refs_file, None if samples_file else Path(info["run_dir"]), num_refs or len(texts))
+    with timed(report, "featurize"), progress("mauve: featurize", len(refs) + len(texts)) as advance:
+        p = mauve_eval.features(scorer, refs, score_batch, advance)
+        q = mauve_eval.features(scorer, texts, score_batch, advance)
+    with timed(report, "mauve"):
+        report["mauve"] = mauve_eval.mauve_score(p, q)
+    report["references"] = len(refs)
+    run_dir = None if samples_file else info["run_dir"]
+    return report, write_report(report, report_path("mauve", out, run_dir))
+
+
+def references(refs_file: str | None, run_dir: Path | None, n: int) -> list[str]:
+    """Human text: a JSONL with `text`, or the validation split of the run's recipe."""
+    if refs_file:
+        return [r["text"] for r in sample_records(refs_file)][:n]
+    if run_dir is None:
+        raise UserError("--refs FILE is needed with --samples: without a run there is no data split "
+                        "to take references from")
+    recipe = elbo_eval.run_recipe(run_dir)
+    tok = load_tokenizer(str(run_dir / "tokenizer"))
+    return mauve_eval.reference_texts(recipe.data, tok, read_config(run_dir).model_length, n)

@@ -19,7 +19,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from smdlm_cli.core import checkpoint, trainer
 from smdlm_cli.core.config import Recipe
-from smdlm_cli.core.data import BlockLoader, build_corpus, iter_documents, valid_batches
+from smdlm_cli.core.data import (BlockLoader, build_corpus, cache_dir, iter_documents,
+                                 valid_batches)
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_text
 from smdlm_cli.core.models import load_model, load_state_into
@@ -37,10 +38,6 @@ console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SMDLM_CACHE", Path.home() / ".cache" / "smdlm")) / "data"
 
 
 def _run_dir(recipe_path: Path, out: Path | None, resume: bool) -> Path:
@@ -109,7 +106,10 @@ def _model(recipe: Recipe, run_dir: Path, resume: bool, tok, main: bool):
         torch.manual_seed(recipe.train.seed)  # the initial weights are part of what a seed fixes
         backbone = build_dit(m.preset, vocab_size(tok), mask_token_id(tok), m.length,
                              hidden_dim=m.hidden_size, n_blocks=m.n_blocks, n_heads=m.n_heads,
-                             cond_dim=m.cond_dim, dropout=m.dropout)
+                             cond_dim=m.cond_dim, dropout=m.dropout, causal=m.causal)
+    if backbone.config.causal != m.causal:
+        raise UserError(f"model.causal = {str(m.causal).lower()}, but model.init = {m.init} is "
+                        f"{'an AR' if backbone.config.causal else 'a diffusion'} model")
     if backbone.vocab_size != vocab_size(tok) or backbone.mask_id != mask_token_id(tok):
         raise UserError(f"model vocabulary {backbone.vocab_size} (mask {backbone.mask_id}) does not "
                         f"match tokenizer {recipe.data.tokenizer!r} ({vocab_size(tok)}, mask "
@@ -166,9 +166,10 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):
     loader = BlockLoader(train_blocks, micro, recipe.train.seed, ctx.rank, ctx.world)
     valid = valid_batches(valid_blocks, micro, recipe.train.eval_batches, ctx.rank, ctx.world)
     if ctx.main:
-        kind = "soft-masked" if softmask is not None else "binary"
+        kind = ("AR (causal) LM" if backbone.config.causal else
+                "soft-masked MDLM" if softmask is not None else "binary MDLM")
         n_params = sum(p.numel() for p in backbone.parameters())
-        console.print(f"{kind} MDLM, {n_params / 1e6:.2f}M parameters, {train_blocks.shape[0]} "
+        console.print(f"{kind}, {n_params / 1e6:.2f}M parameters, {train_blocks.shape[0]} "
                       f"training blocks of {length} tokens, {ctx.world} process(es) on {ctx.device}")
     return backbone, softmask, loader, valid
 

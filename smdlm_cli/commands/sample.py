@@ -9,13 +9,13 @@ checkpoint's sha256.
 
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
-import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -27,6 +27,7 @@ from smdlm_cli.core.models import load_model
 from smdlm_cli.core.samplers import decode, validate_sampler_args
 from smdlm_cli.core.softmask import SoftMask
 from smdlm_cli.core.tokenizer import load_tokenizer
+from smdlm_cli.evals.report import checkpoint_info, versions
 
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -36,7 +37,7 @@ class SampleSettings:
     ckpt: str | None = None
     nfe: int = 128
     k: int | None = None            # None: the checkpoint's SoftMask; 0: binary decoding
-    sampler: str = "mdlm"
+    sampler: str | None = None      # None: mdlm, or ar for an AR (causal) run
     num_samples: int = 4
     batch_size: int = 8
     length: int | None = None       # None: the model's training length
@@ -92,6 +93,7 @@ def choose_softmask(softmask: SoftMask | None, k: int | None, run_dir: Path) -> 
     if softmask is None:
         raise UserError(f"--k {k}: {run_dir} has no soft-masking parameters (a binary run); "
                         f"use --k 0 or train with [softmask] enabled = true")
+    softmask = copy.deepcopy(softmask)  # the caller's (perhaps shared) SoftMask keeps its k
     softmask.k = k
     return softmask
 
@@ -126,28 +128,21 @@ def _sampler_options(s: SampleSettings) -> dict:
     return {k: v for k, v in (("top_p", s.top_p), ("temperature", s.temperature)) if v is not None}
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def generate(s: SampleSettings, trace: bool = False, loaded: tuple | None = None,
+             on_batch: Callable[[int], None] | None = None):
+    """Decode every sample: (run_dir, records, sidecar, first batch's trace, tokenizer).
 
-
-def versions() -> dict:
-    import transformers
-
-    from smdlm_cli import __version__
-
-    return {"smdlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def generate(s: SampleSettings, trace: bool = False):
-    """Decode every sample: (run_dir, records, sidecar, first batch's trace, tokenizer)."""
-    run_dir = resolve_run(s.ckpt)
+    `loaded`: (run_dir, model, tokenizer, softmask) already loaded on s.device, for callers that
+    sample one run many times (the sweep). on_batch(rows) is called after each batch.
+    """
     device = resolve_device(s.device)
-    model, tok, softmask = load_run(run_dir, device)
+    if loaded is None:
+        run_dir = resolve_run(s.ckpt)
+        model, tok, softmask = load_run(run_dir, device)
+    else:
+        run_dir, model, tok, softmask = loaded
+    if s.sampler is None:
+        s = replace(s, sampler="ar" if model.config.causal else "mdlm")
     length = _check(s, model.config.model_length)
     softmask = choose_softmask(softmask, s.k, run_dir)
     if softmask is not None:
@@ -169,10 +164,12 @@ def generate(s: SampleSettings, trace: bool = False):
             records.append({"text": tok.decode(ids, skip_special_tokens=True), "tokens": ids,
                             "prompt": prompts[start + j], "seed": seeds[j], "nfe": out.nfe,
                             "seconds": seconds / rows.shape[0]})
+        if on_batch is not None:
+            on_batch(rows.shape[0])
     generated = int((x == model.mask_id).sum())
     sidecar = {
         "settings": {**asdict(s), "length": length, "k": softmask.k if softmask else 0},
-        "checkpoint": {"path": str(run_dir), "sha256": sha256(run_dir / "model.safetensors")},
+        "checkpoint": checkpoint_info(run_dir),
         "softmask": softmask.to_dict() if softmask else None,
         "device": str(device), "versions": versions(),
         "timing": {"seconds": total, "generated_tokens": generated,
@@ -194,13 +191,16 @@ def run(s: SampleSettings, show_steps: bool = False) -> Path:
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; expected a .jsonl file path")
     write(records, sidecar, out)
-    if show_steps:
+    if show_steps and trace is None:
+        console.print("--show-steps: an AR model has no denoising steps to show")
+    elif show_steps:
         from smdlm_cli.commands.show_steps import replay
 
         replay(trace, tok, console)
     t = sidecar["timing"]
     mode = f"SM k={sidecar['settings']['k']}" if sidecar["softmask"] else "binary"
-    console.print(f"{len(records)} samples, {s.sampler} sampler, {records[0]['nfe']} NFE, {mode}, "
+    sampler = sidecar["settings"]["sampler"]
+    console.print(f"{len(records)} samples, {sampler} sampler, {records[0]['nfe']} NFE, {mode}, "
                   f"{t['tokens_per_s']:,.0f} generated tokens/s")
     console.print(f"[bold]first sample:[/bold] {records[0]['text'][:400]!r}")
     return out

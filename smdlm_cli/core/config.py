@@ -37,6 +37,8 @@ class ModelConfig:
     n_heads: int = opt(0, "attention heads; 0 takes the preset's", lo=0)
     cond_dim: int = opt(0, "adaLN conditioning width; 0 takes the preset's", lo=0)
     dropout: float = opt(0.1, "dropout after attention and MLP, as MDLM", lo=0.0, hi=0.9)
+    causal: bool = opt(False, "train the same DiT as a left-to-right LM (causal attention, "
+                              "next-token loss): the AR baseline and gen-PPL scorer")
 
 
 @dataclass

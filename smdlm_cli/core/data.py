@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -137,6 +138,11 @@ def _cache_key(cfg: DataConfig, tok, length: int) -> str:
                  cfg.text_field, cfg.max_docs, length, tok.backend_tokenizer.to_str()):
         h.update(repr(part).encode() + b"\0")
     return h.hexdigest()[:24]
+
+
+def cache_dir() -> Path:
+    """Where packed corpora are cached: $SMDLM_CACHE/data, by default ~/.cache/smdlm/data."""
+    return Path(os.environ.get("SMDLM_CACHE", Path.home() / ".cache" / "smdlm")) / "data"
 
 
 def build_corpus(cfg: DataConfig, tok, length: int, cache_dir: Path) -> tuple[Tensor, Tensor]:

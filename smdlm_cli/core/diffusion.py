@@ -95,3 +95,11 @@ def masked_nll(logits: Tensor, x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:
 def elbo_per_token(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int) -> Tensor:
     """The MDLM continuous-time ELBO term of each position: masked_nll / t (B, L)."""
     return masked_nll(logits, x0, xt, mask_id) * loss_weight(t).unsqueeze(-1)
+
+
+def causal_nll(logits: Tensor, x0: Tensor) -> Tensor:
+    """The AR baseline's loss per position (B, L): -log p(x_l | x_<l) from row l - 1 of next-token
+    logits; 0 at position 0 (BOS is given). Summed over a block it is the exact NLL of the block, so
+    divided by L it compares with the ELBO per token of the diffusion models."""
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten(), reduction="none")
+    return F.pad(nll.view(x0.shape[0], -1), (1, 0))

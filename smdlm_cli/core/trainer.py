@@ -45,7 +45,7 @@ class TwoPass(nn.Module):
         self.softmask = softmask
 
     def forward(self, xt: Tensor, use_sm: bool, attention_mask: Tensor | None = None) -> Tensor:
-        if not use_sm:
+        if not use_sm:  # binary MDLM, or the AR baseline (xt is then x0)
             return self.backbone(input_ids=xt, attention_mask=attention_mask)
         # Pass 1 predicts p without a graph; its logits are constants for pass 2 (the paper's scheme).
         # SoftMask drops the [MASK] column itself, which gives the SUBS distribution the official
@@ -174,25 +174,38 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def _noised(x0: Tensor, t: Tensor, mask_id: int, causal: bool, **noise) -> Tensor:
+    """x_t of the diffusion models; the AR baseline reads x0 itself."""
+    return x0 if causal else diffusion.q_xt(x0, t, mask_id, **noise)
+
+
+def _nll(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int, causal: bool) -> Tensor:
+    """Per-position loss (B, L): the 1/t-weighted ELBO term, or the AR model's next-token NLL."""
+    if causal:
+        return diffusion.causal_nll(logits, x0)
+    return diffusion.elbo_per_token(logits, x0, xt, t, mask_id)
+
+
 @torch.no_grad()
 def validation_elbo(model: TwoPass, batches: list[Tensor], use_sm: bool, seed: int,
                     ctx: Dist, precision: str) -> dict:
     """ELBO bound on fixed validation batches with fixed times and masks: nll, ppl, bpd (nats/token).
 
     SM models are scored two-pass, as trained: the feedback is a deterministic function of x_t, so
-    this is still a valid bound.
+    this is still a valid bound. For the AR baseline it is the exact NLL, per token of the block.
     """
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    mask_id, causal = model.backbone.mask_id, getattr(model.backbone.config, "causal", False)
     for i, x0 in enumerate(batches):
         x0 = x0.to(ctx.device)
         g = _generator(ctx.device, seed, 0x5EED, i, ctx.rank)
         t = diffusion.sample_t(x0.shape[0], generator=g, device=ctx.device)
-        xt = diffusion.q_xt(x0, t, model.backbone.mask_id, generator=g)
+        xt = _noised(x0, t, mask_id, causal, generator=g)
         with _autocast(ctx.device, precision):
             logits = model(xt, use_sm=use_sm)
-        total[0] += diffusion.elbo_per_token(logits, x0, xt, t, model.backbone.mask_id).sum().double()
+        total[0] += _nll(logits, x0, xt, t, mask_id, causal).sum().double()
         total[1] += x0.numel()
     _all_reduce_sum(total)
     model.train(was_training)
@@ -256,7 +269,7 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=use_sm_ever and sm_cfg.prob < 1)
-    mask_id = backbone.mask_id
+    mask_id, causal = backbone.mask_id, getattr(backbone.config, "causal", False)
     length = backbone.config.model_length
 
     def save():
@@ -308,12 +321,12 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
         for m in range(accum):
             x0 = loader.next_batch().to(ctx.device)
             t = times[m, :, ctx.rank]
-            xt = diffusion.q_xt(x0, t, mask_id, u=noise[m, :, ctx.rank])
+            xt = _noised(x0, t, mask_id, causal, u=noise[m, :, ctx.rank])
             sync = ddp.no_sync() if (ctx.world > 1 and m < accum - 1) else nullcontext()
             with sync:
                 with _autocast(ctx.device, cfg.precision):
                     logits = ddp(xt, use_sm)
-                loss = diffusion.elbo_per_token(logits, x0, xt, t, mask_id).sum() / (per_rank * length)
+                loss = _nll(logits, x0, xt, t, mask_id, causal).sum() / (per_rank * length)
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0

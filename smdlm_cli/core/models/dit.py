@@ -46,6 +46,7 @@ class DiTConfig:
     dropout: float = 0.1
     time_conditioning: bool = False
     mask_id: int = -1  # -1: the last id, as MDLM appends the mask to GPT-2's vocabulary
+    causal: bool = False  # the AR baseline: causal attention, row l predicts token l + 1
 
     def __post_init__(self):
         if self.mask_id < 0:
@@ -129,13 +130,13 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
     def forward(self, h: Tensor, c: Tensor, cos: Tensor, sin: Tensor,
-                attn_mask: Tensor | None) -> Tensor:
+                attn_mask: Tensor | None, causal: bool = False) -> Tensor:
         B, L, D = h.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         qkv = self.attn_qkv(modulate(self.norm1(h), sh1, sc1))
         q, k, v = qkv.view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype), sin.to(k.dtype))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
         p = self.dropout if self.training else 0.0
         h = h + g1 * F.dropout(a, p, self.training)
@@ -168,7 +169,11 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """The Denoiser of DESIGN.md: aligned logits (B, L, V) from ids or input embeddings."""
+    """The Denoiser of DESIGN.md: aligned logits (B, L, V) from ids or input embeddings.
+
+    With config.causal it is instead the MDLM codebase's AR baseline: the same network with causal
+    attention, trained left to right, whose row l predicts token l + 1 (next-token logits).
+    """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -194,27 +199,43 @@ class DiT(nn.Module):
 
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> Tensor:
+        h, c = self._trunk(input_ids, inputs_embeds, attention_mask)
+        return self.output_layer(h, c)
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The final normalised hidden states (B, L, D): what MAUVE featurises with."""
+        h, c = self._trunk(input_ids, None, attention_mask)
+        shift, scale = self.output_layer.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return modulate(self.output_layer.norm_final(h), shift, scale)
+
+    def _trunk(self, input_ids, inputs_embeds, attention_mask) -> tuple[Tensor, Tensor]:
         h = self.vocab_embed(input_ids) if inputs_embeds is None else inputs_embeds
         L = h.shape[1]
         # σ = 0 for every row (time conditioning off): one conditioning row, broadcast over the batch.
         c = F.silu(self.sigma_map(torch.zeros(1, device=h.device)))
         cos, sin = self.rotary_emb(L, torch.float32)
         # A padding mask (B, L) -> (B, 1, 1, L) keys to attend; None keeps the flash kernels usable.
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        mask, causal = None, self.config.causal
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]
+            if causal:  # SDPA takes a mask or is_causal, not both
+                mask = mask & torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
+                causal = False
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, cos, sin, mask, use_reentrant=False)
+                h = checkpoint(block, h, c, cos, sin, mask, causal, use_reentrant=False)
             else:
-                h = block(h, c, cos, sin, mask)
-        return self.output_layer(h, c)
+                h = block(h, c, cos, sin, mask, causal)
+        return h, c
 
 
 def build_dit(preset: str, vocab_size: int, mask_id: int, length: int, *, hidden_dim: int = 0,
-              n_blocks: int = 0, n_heads: int = 0, cond_dim: int = 0, dropout: float = 0.1) -> DiT:
+              n_blocks: int = 0, n_heads: int = 0, cond_dim: int = 0, dropout: float = 0.1,
+              causal: bool = False) -> DiT:
     """A freshly initialised DiT; a size given as 0 takes the preset's value."""
     if preset not in PRESETS:
         raise UserError(f"model.preset = {preset!r}, expected one of {', '.join(PRESETS)}")
     h, b, n, c = (given or default for given, default in
                   zip((hidden_dim, n_blocks, n_heads, cond_dim), PRESETS[preset]))
     return DiT(DiTConfig(vocab_size=vocab_size, model_length=length, hidden_dim=h, cond_dim=c,
-                         n_blocks=b, n_heads=n, dropout=dropout, mask_id=mask_id))
+                         n_blocks=b, n_heads=n, dropout=dropout, mask_id=mask_id, causal=causal))

@@ -31,11 +31,11 @@ from torch import Tensor
 
 from smdlm_cli.core.diffusion import subs_log_probs
 from smdlm_cli.core.errors import UserError
-from smdlm_cli.core.samplers import confidence, mdlm
+from smdlm_cli.core.samplers import ar, confidence, mdlm
 from smdlm_cli.core.samplers.common import positions, row_generators
 from smdlm_cli.core.softmask import SoftMask
 
-SAMPLERS = ("mdlm", "remdm-cap", "remdm-loop", "confidence")
+SAMPLERS = ("mdlm", "remdm-cap", "remdm-loop", "confidence", "ar")
 SM_SCHEDULES = ("none", "linear", "stepwise")
 
 
@@ -55,7 +55,7 @@ def validate_sampler_args(sampler: str, **kwargs) -> dict:
     steps = kwargs.pop("steps", 1)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise UserError(f"steps = {steps!r}, expected an integer >= 1")
-    defaults = confidence.OPTIONS if sampler == "confidence" else mdlm.OPTIONS[sampler]
+    defaults = {"confidence": confidence.OPTIONS, "ar": ar.OPTIONS}.get(sampler) or mdlm.OPTIONS[sampler]
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise UserError(f"sampler {sampler}: unknown option {unknown[0]!r}, expected one of "
@@ -67,6 +67,8 @@ def validate_sampler_args(sampler: str, **kwargs) -> dict:
             raise UserError(f"sampler {sampler}: {key} = {value!r}, expected a number")
     if sampler == "confidence":
         bad = confidence.check_options(options)
+    elif sampler == "ar":
+        bad = ar.check_options(options)
     else:
         bad = mdlm.check_options(sampler, options)
     if bad:
@@ -158,6 +160,20 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
     x = x.to(device)
     real = (torch.ones_like(x, dtype=torch.bool) if attention_mask is None
             else attention_mask.to(device).bool())
+    causal = getattr(model.config, "causal", False)
+    if causal != (sampler == "ar"):
+        raise UserError(f"sampler {sampler}: " + ("an AR (causal) model decodes with sampler ar"
+                                                  if causal else "sampler ar needs an AR model"))
+    if causal:
+        if softmask is not None:
+            raise UserError("an AR (causal) model has no masks to soften; expected binary decoding")
+        was_training = model.training
+        model.eval()
+        try:
+            tokens, nfe = ar.decode(model, x, generator_seeds, real, options)
+        finally:
+            model.train(was_training)
+        return DecodeResult(tokens, nfe, nfe, 0, None)
     model_mask = None if attention_mask is None else attention_mask.to(device)
     gen = (x == mask_id) & real
     gen_host = gen.cpu()  # host transfer: the positions to generate (counts, blocks)

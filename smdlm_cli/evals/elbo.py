@@ -1,0 +1,49 @@
+"""The validation perplexity bound of a run: nll (nats/token), ppl and bpd on a data split.
+
+Exactly the trainer's validation (core/trainer.validation_elbo) on the run's own data settings:
+the saved weights (the EMA weights when the run used EMA, as the paper evaluates), SM models
+two-pass as they were trained, fixed times and masks from `seed`, one antithetic time per row.
+For an AR run it is the exact NLL, per token of the same blocks, so the rows compare.
+
+Not here: the data pipeline or the ELBO itself (core/).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from smdlm_cli.core import trainer
+from smdlm_cli.core.data import build_corpus, cache_dir, valid_batches
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.recipe import load_recipe
+
+
+def run_recipe(run_dir: Path):
+    file = Path(run_dir) / "recipe.toml"
+    if not file.is_file():
+        raise UserError(f"{run_dir}: no recipe.toml, so its data split is unknown; expected a run "
+                        f"directory written by smdlm pretrain")
+    return load_recipe(file)
+
+
+def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid",
+         batch_size: int = 0, batches: int = 0, seed: int | None = None) -> dict:
+    """{"nll", "ppl", "bpd", "tokens", "sm"} on the first `batches` batches of the split's blocks.
+
+    0 / None take the run's own validation settings (micro-batch, train.eval_batches,
+    train.seed), which reproduces the last validation line of its metrics.jsonl.
+    """
+    t = recipe.train
+    batch_size = batch_size or t.micro_batch_size or t.batch_size
+    batches = batches or t.eval_batches
+    seed = t.seed if seed is None else seed
+    train, valid = build_corpus(recipe.data, tok, model.config.model_length, cache_dir())
+    data = valid_batches(valid if split == "valid" else train, batch_size, batches)
+    use_sm = softmask is not None
+    out = trainer.validation_elbo(trainer.TwoPass(model, softmask).to(device), data, use_sm, seed,
+                                  trainer.Dist(device=device), t.precision)
+    return {"nll": out["val_nll"], "ppl": out["val_ppl"], "bpd": out["val_bpd"],
+            "tokens": sum(x.numel() for x in data), "batches": len(data), "batch_size": batch_size,
+            "seed": seed, "split": split, "sm": use_sm}

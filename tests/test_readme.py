@@ -36,8 +36,10 @@ def shrink(command: str) -> list[str]:
     extra = []
     if "--resume" in argv:
         extra = ["--set", "train.steps=8"]  # a resumed run may only lengthen
-    elif "quickstart" in command:  # the OWT recipes run as printed: offline they stop at once
+    elif argv[1] == "pretrain" and "quickstart" in command:  # OWT recipes run as printed: offline they stop at once
         extra = [a for kv in SMALL for a in ("--set", kv)]
+    elif argv[1:3] in (["evaluate", "genppl"], ["evaluate", "sweep"]):
+        extra = ["--num-samples", "8"]  # click keeps the last value of a repeated option
     if argv[0] == "smdlm":
         argv = [sys.executable, "-m", "smdlm_cli"] + argv[1:]  # the same app as the console script
     return argv + extra
@@ -97,6 +99,60 @@ def inspected(result, cwd):
         assert (cwd / "runs" / "quickstart" / name).stat().st_size > 1000
 
 
+def ar_baseline(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "AR (causal) LM" in result.stderr
+    config = json.loads((cwd / "runs" / "quickstart-ar" / "config.json").read_text())
+    assert config["causal"] is True
+    same = [(cwd / "runs" / r / "tokenizer" / "tokenizer.json").read_text()
+            for r in ("quickstart", "quickstart-ar")]
+    assert same[0] == same[1]  # the same corpus settings train the same BPE
+
+
+def _report(result, cwd, task):
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = cwd / result.stdout.strip().splitlines()[-1]
+    report = json.loads(path.read_text())
+    assert report["task"] == task and report["versions"]["torch"]
+    return path, report
+
+
+def elbo_evaluated(result, cwd):
+    path, report = _report(result, cwd, "elbo")
+    assert path.parent == cwd / "runs" / "quickstart" / "reports"
+    last = [json.loads(x) for x in (cwd / "runs" / "quickstart" / "metrics.jsonl").read_text()
+            .splitlines() if "val_nll" in x][-1]
+    assert abs(report["nll"] - last["val_nll"]) < 1e-6 and report["sm"]
+
+
+def genppl_evaluated(result, cwd):
+    _, report = _report(result, cwd, "genppl")
+    assert report["samples"] == 8 and report["gen_ppl"] > 1 and report["entropy"] > 0
+    assert report["settings"]["scorer"] == "runs/quickstart-ar"
+
+
+def swept(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = cwd / "reports" / "sweep"
+    report = json.loads((out / "sweep.json").read_text())
+    assert [r["decoding"] for r in report["rows"]] == ["binary", "SM", "AR"]
+    assert [c["nfe"] for c in report["rows"][0]["cells"]] == [8, 16, 32]
+    assert all(0 < c["mauve"] <= 1 for r in report["rows"] for c in r["cells"])
+    assert "## gen-PPL" in (out / "sweep.md").read_text() and (out / "sweep.png").exists()
+
+
+def humaneval_run(result, cwd):
+    _, report = _report(result, cwd, "humaneval")
+    assert report["tasks"] == 5 and report["pass@1"] == 0.0
+    assert (cwd / "reports" / "humaneval.samples.jsonl").exists()
+
+
+def humaneval_rescored(result, cwd):
+    path, report = _report(result, cwd, "humaneval")
+    assert path.parent == cwd / "reports" and report["samples"] == 5
+    assert report["pass@1"] == json.loads((cwd / "reports" / "humaneval.json").read_text())["pass@1"]
+
+
 def longer(result, cwd):
     assert result.returncode == 0, result.stderr[-2000:]
     recipe = (cwd / "runs" / "longer" / "recipe.toml").read_text()
@@ -126,6 +182,12 @@ EXERCISED = {
     "smdlm pretrain recipes/quickstart.toml": quickstart,
     "smdlm sample --nfe 64 --k 3": sampled,
     "smdlm inspect-lambda --decode": inspected,
+    "smdlm pretrain recipes/quickstart-ar.toml": ar_baseline,
+    "smdlm evaluate elbo --ckpt runs/quickstart": elbo_evaluated,
+    "smdlm evaluate genppl --ckpt runs/quickstart --scorer runs/quickstart-ar --nfe 32": genppl_evaluated,
+    "smdlm evaluate sweep --ckpt runs/quickstart --ckpt runs/quickstart-ar --nfe 8,16,32 --metrics genppl,entropy,mauve,elbo --scorer runs/quickstart-ar --out reports/sweep": swept,
+    "smdlm evaluate humaneval --ckpt runs/quickstart --limit 5 --out reports/humaneval.json": humaneval_run,
+    "smdlm evaluate humaneval --samples reports/humaneval.samples.jsonl --limit 5": humaneval_rescored,
     "smdlm pretrain recipes/quickstart.toml --out runs/longer --set train.steps=1000 --set softmask.prob=0.5": longer,
     "smdlm pretrain runs/longer/recipe.toml --out runs/longer --resume": resumed,
     "smdlm pretrain recipes/owt.toml": owt_offline,

@@ -381,7 +381,7 @@ def test_bad_options_are_one_line_user_errors(sampler, kwargs, match):
 def test_defaults_and_decode_argument_errors():
     assert validate_sampler_args("remdm-loop")["t_on"] == 0.55
     assert validate_sampler_args("remdm-cap")["eta"] == 0.04
-    assert set(SAMPLERS) == {"mdlm", "remdm-cap", "remdm-loop", "confidence"}
+    assert set(SAMPLERS) == {"mdlm", "remdm-cap", "remdm-loop", "confidence", "ar"}
     x = torch.full((2, 4), MASK)
     with pytest.raises(UserError, match="2 rows, expected one seed per row"):
         run("mdlm", {}, x, 4, seeds=[1])

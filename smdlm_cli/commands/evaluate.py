@@ -107,7 +107,8 @@ def complete(s: sample.SampleSettings, loaded: tuple, prompts: list[str], n: int
         batch = jobs[start:start + s.batch_size]
         rows = [[tok.bos_token_id] + encoded[i] + [model.mask_id] * max_new for i, _ in batch]
         width = max(len(r) for r in rows)
-        x = torch.full((len(rows), width), tok.pad_token_id or tok.eos_token_id, dtype=torch.long)
+        pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
         attn = torch.zeros_like(x)
         for b, r in enumerate(rows):
             x[b, :len(r)] = torch.tensor(r)
@@ -178,9 +179,11 @@ def elbo(ckpt: str | None, device: str, split: str, batch_size: int, batches: in
     settings = {"split": split, "batch_size": batch_size, "batches": batches, "seed": seed,
                 "binary": binary, "device": str(dev)}
     report = new_report("elbo", settings, run_dir)
-    with timed(report, "elbo"):
-        sm = None if binary or softmask is None else softmask.to(dev)
-        report.update(elbo_eval.elbo(model, sm, tok, recipe, dev, split, batch_size, batches, seed))
+    sm = None if binary or softmask is None else softmask.to(dev)
+    n = batches or recipe.train.eval_batches
+    with timed(report, "elbo"), progress("elbo", n) as advance:
+        report.update(elbo_eval.elbo(model, sm, tok, recipe, dev, split, batch_size, batches, seed,
+                                     on_batch=advance))
     return report, write_report(report, report_path("elbo", out, run_dir))
 
 

@@ -116,7 +116,7 @@ def _cell(w: SweepSettings, row: Row, nfe: int, seed_index: int, scorer, ref_fea
     s = _settings(w, row, nfe, seed_index)
     _, records, sidecar, _, tok = sample.generate(s, loaded=row.loaded, on_batch=advance)
     texts = [tok.decode(r["tokens"], skip_special_tokens=False) for r in records]
-    cell = {"nfe": records[0]["nfe"], "seed": s.seed,
+    cell = {"nfe": records[0]["nfe"], "seed": s.seed, "k": sidecar["settings"]["k"],
             "tokens_per_s": sidecar["timing"]["tokens_per_s"]}
     if "genppl" in w.metrics:
         cell["genppl"] = genppl_eval.gen_ppl(scorer, texts, w.batch_size)["gen_ppl"]

@@ -188,7 +188,7 @@ def _nll(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int, causal
 
 @torch.no_grad()
 def validation_elbo(model: TwoPass, batches: list[Tensor], use_sm: bool, seed: int,
-                    ctx: Dist, precision: str) -> dict:
+                    ctx: Dist, precision: str, on_batch: Callable[[], None] | None = None) -> dict:
     """ELBO bound on fixed validation batches with fixed times and masks: nll, ppl, bpd (nats/token).
 
     SM models are scored two-pass, as trained: the feedback is a deterministic function of x_t, so
@@ -207,6 +207,8 @@ def validation_elbo(model: TwoPass, batches: list[Tensor], use_sm: bool, seed: i
             logits = model(xt, use_sm=use_sm)
         total[0] += _nll(logits, x0, xt, t, mask_id, causal).sum().double()
         total[1] += x0.numel()
+        if on_batch is not None:
+            on_batch()
     _all_reduce_sum(total)
     model.train(was_training)
     nll = (total[0] / total[1]).item()

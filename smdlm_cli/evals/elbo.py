@@ -10,6 +10,7 @@ Not here: the data pipeline or the ELBO itself (core/).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,8 @@ def run_recipe(run_dir: Path):
 
 
 def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid",
-         batch_size: int = 0, batches: int = 0, seed: int | None = None) -> dict:
+         batch_size: int = 0, batches: int = 0, seed: int | None = None,
+         on_batch: Callable[[], None] | None = None) -> dict:
     """{"nll", "ppl", "bpd", "tokens", "sm"} on the first `batches` batches of the split's blocks.
 
     0 / None take the run's own validation settings (micro-batch, train.eval_batches,
@@ -43,7 +45,7 @@ def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid
     data = valid_batches(valid if split == "valid" else train, batch_size, batches)
     use_sm = softmask is not None
     out = trainer.validation_elbo(trainer.TwoPass(model, softmask).to(device), data, use_sm, seed,
-                                  trainer.Dist(device=device), t.precision)
+                                  trainer.Dist(device=device), t.precision, on_batch)
     return {"nll": out["val_nll"], "ppl": out["val_ppl"], "bpd": out["val_bpd"],
             "tokens": sum(x.numel() for x in data), "batches": len(data), "batch_size": batch_size,
             "seed": seed, "split": split, "sm": use_sm}

@@ -41,11 +41,12 @@ def decode(model, x: Tensor, generator_seeds: Sequence[int], real: Tensor, optio
     generators = row_generators(generator_seeds, x.device)
     draw = mdlm_draw(options["temperature"], options["top_p"], mask_id)
     columns = [c for c in range(1, x.shape[1]) if gen_host[:, c].any()]
+    rows = {c: [b for b in range(x.shape[0]) if gen_host[b, c]] for c in columns}
+    index = {c: torch.tensor(r, device=x.device) for c, r in rows.items()}  # copied before the loop
     for c in columns:
-        rows = [b for b in range(x.shape[0]) if gen_host[b, c]]
         logits = model(input_ids=x[:, :c])[:, -1].float()
         logits[:, mask_id] = float("-inf")
-        index = torch.tensor(rows, device=x.device)
-        tokens = draw(logits[index].log_softmax(-1), [generators[b] for b in rows], [1] * len(rows))
-        x = x.index_put((index, torch.full_like(index, c)), tokens)
+        tokens = draw(logits[index[c]].log_softmax(-1), [generators[b] for b in rows[c]],
+                      [1] * len(rows[c]))
+        x = x.index_put((index[c], torch.full_like(index[c], c)), tokens)
     return x, len(columns)

@@ -160,7 +160,7 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
     x = x.to(device)
     real = (torch.ones_like(x, dtype=torch.bool) if attention_mask is None
             else attention_mask.to(device).bool())
-    causal = getattr(model.config, "causal", False)
+    causal = getattr(getattr(model, "config", None), "causal", False)  # the AR baseline's DiT
     if causal != (sampler == "ar"):
         raise UserError(f"sampler {sampler}: " + ("an AR (causal) model decodes with sampler ar"
                                                   if causal else "sampler ar needs an AR model"))

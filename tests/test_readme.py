@@ -36,7 +36,7 @@ def shrink(command: str) -> list[str]:
     extra = []
     if "--resume" in argv:
         extra = ["--set", "train.steps=8"]  # a resumed run may only lengthen
-    elif argv[1] == "pretrain" and "quickstart" in command:  # OWT recipes run as printed: offline they stop at once
+    elif "pretrain" in argv and "quickstart" in command:  # OWT recipes run as printed: offline they stop at once
         extra = [a for kv in SMALL for a in ("--set", kv)]
     elif argv[1:3] in (["evaluate", "genppl"], ["evaluate", "sweep"]):
         extra = ["--num-samples", "8"]  # click keeps the last value of a repeated option

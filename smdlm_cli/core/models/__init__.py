@@ -1,8 +1,9 @@
-"""Loading and saving Denoisers: one entry point for run directories, MDLM directories and hub names.
+"""Loading and saving Denoisers: one entry point for run directories, model directories and hub names.
 
-A model directory is `config.json` + `model.safetensors` (or shards with an index) whose keys carry
-the `backbone.` prefix, the layout of kuleshov-group/mdlm-owt. smdlm's run directories use the same
-layout, so a run, a downloaded MDLM and a hub name all load through `load_model`.
+A model directory is `config.json` + `model.safetensors` (or shards with an index). Its
+`model_type` picks the adapter: "mdlm" (keys with the `backbone.` prefix, the layout of
+kuleshov-group/mdlm-owt and of smdlm's runs) or "Dream" (Qwen2 key names, as Dream-org's
+checkpoints). A run, a downloaded checkpoint and a hub name all load through `load_model`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from torch import nn
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json, atomic_save_tensors, load_tensors
 from smdlm_cli.core.models.dit import DiT, DiTConfig
+from smdlm_cli.core.models.dream import Dream, DreamConfig
+
+ADAPTERS = {"mdlm": (DiTConfig, DiT), "dit": (DiTConfig, DiT), "dream": (DreamConfig, Dream)}
 
 PREFIX = "backbone."
 # Keys a model file may hold that are not the backbone's: the official SM TransparencyHead (read by
@@ -43,7 +47,7 @@ def resolve(path_or_name: str) -> Path:
                         f"local directory") from None
 
 
-def read_config(model_dir: Path) -> DiTConfig:
+def read_config(model_dir: Path) -> DiTConfig | DreamConfig:
     file = model_dir / "config.json"
     try:
         config = json.loads(file.read_text())
@@ -51,10 +55,11 @@ def read_config(model_dir: Path) -> DiTConfig:
         raise UserError(f"{model_dir}: no config.json; expected a model directory") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if config.get("model_type", "mdlm").lower() not in ("mdlm", "dit"):
-        raise UserError(f"{file}: model_type {config.get('model_type')!r} is not supported yet; "
-                        f"expected an MDLM DiT")
-    return DiTConfig.from_json(config, str(file))
+    kind = str(config.get("model_type", "mdlm")).lower()
+    if kind not in ADAPTERS:
+        raise UserError(f"{file}: model_type {config.get('model_type')!r} is not supported; "
+                        f"expected mdlm (MDLM DiT) or Dream")
+    return ADAPTERS[kind][0].from_json(config, str(file))
 
 
 def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -93,15 +98,18 @@ def load_state_into(model: nn.Module, path_or_name: str) -> dict[str, list[str]]
 
 
 def load_model(path_or_name: str, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, weights: bool = True) -> DiT:
-    """The Denoiser stored at a run directory, an MDLM directory or a hub name.
+               dtype: torch.dtype | None = None, weights: bool = True) -> DiT | Dream:
+    """The Denoiser stored at a run directory, a model directory or a hub name.
 
     With weights=False only the architecture is built (the caller loads and reports keys itself).
     Any backbone key that is missing or unknown is an error: a silently half-loaded model would
-    train or sample garbage.
+    train or sample garbage. Dream models keep their stored dtype unless `dtype` says otherwise.
     """
     model_dir = resolve(path_or_name)
-    model = DiT(read_config(model_dir))
+    config = read_config(model_dir)
+    if isinstance(config, DreamConfig):
+        return _load_dream(model_dir, config, device, dtype, weights)
+    model = DiT(config)
     if weights:
         report = load_state_into(model, str(model_dir))
         extra = [k for k in report["unexpected"] if not k.startswith(TOLERATED_UNEXPECTED)]
@@ -111,10 +119,40 @@ def load_model(path_or_name: str, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype)
 
 
-def save_model(model: DiT, out_dir: str | Path) -> None:
-    """config.json + model.safetensors (`backbone.*` keys, fp32 as MDLM-OWT), each written atomically."""
+def _load_dream(model_dir: Path, config: DreamConfig, device, dtype, weights: bool) -> Dream:
+    """Built on the meta device and filled with the stored tensors: a 7B model never exists twice
+    (or in fp32) in memory."""
+    if not weights:
+        return Dream(config).to(device=device, dtype=dtype)
+    tensors = read_weights(model_dir)
+    with torch.device("meta"):
+        model = Dream(config)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(f"{model_dir}: weights do not match config.json (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:
+            raise UserError(f"{model_dir}: {k} has shape {tuple(v.shape)}, config.json implies "
+                            f"{tuple(own[k].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device=device, dtype=dtype)
+
+
+def save_model(model: DiT | Dream, out_dir: str | Path) -> None:
+    """config.json + model.safetensors, each written atomically: a DiT with `backbone.*` keys in
+    fp32 (as MDLM-OWT), a Dream model with its Qwen2 key names in its own dtype."""
     out_dir = Path(out_dir)
-    atomic_save_tensors(out_dir / "model.safetensors",
-                        {PREFIX + k: v.float() for k, v in model.state_dict().items()},
-                        metadata={"format": "pt"})
+    if isinstance(model, Dream):
+        tensors = {k: v for k, v in model.state_dict().items()
+                   if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    else:
+        tensors = {PREFIX + k: v.float() for k, v in model.state_dict().items()}
+    atomic_save_tensors(out_dir / "model.safetensors", tensors, metadata={"format": "pt"})
     atomic_write_json(out_dir / "config.json", model.config.to_json())

@@ -1,0 +1,231 @@
+"""Dream-7B / Dream-Coder-7B: the Qwen2 layout, bidirectional, behind the Denoiser interface.
+
+Dream is Qwen2.5-7B turned into a masked diffusion LM: the same modules and state-dict keys
+(`model.embed_tokens`, `model.layers.N.self_attn.q_proj` with biases on q/k/v, RMSNorm, SwiGLU,
+GQA, RoPE with theta 1e6, an untied `lm_head`), attention without a causal mask, and logits that
+keep the AR habit of predicting the NEXT token. The adapter shifts them by one inside `forward`
+(row l then predicts token l; row 0 repeats itself, it is always prompt), so SM, samplers and the
+trainer see aligned logits as from every other backbone. Our own code rather than transformers'
+Qwen2 made bidirectional: see the CHANGELOG for the measurement, and `cache` below for what it buys.
+
+Cache (block-wise decoding, Fast-dLLM): a `KVCache` holds every layer's keys (after RoPE) and
+values for the whole sequence. A forward on a window of positions [start, end) writes that window's
+keys and values into the cache and attends over all of it: a refresh is the window [0, L); the
+prefix cache is [block start, L); the dual cache is [block start, block end), reusing the suffix
+keys of the last refresh. The first row of a window has no previous row to take its shifted logits
+from; it repeats its own, so a sampler never draws the window's first position from them.
+
+Not here: loading files (models/__init__.py), sampling, training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from smdlm_cli.core.errors import UserError
+
+USABLE_CONTEXT = 2048  # Dream was trained at 2048 tokens; max_position_embeddings is not a limit
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "mask_token_id")
+
+
+@dataclass
+class DreamConfig:
+    """The fields of a Dream config.json that define the network; the rest is kept as `extra`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    mask_token_id: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    extra: dict = field(default_factory=dict)
+
+    causal = False  # never: a diffusion model (the DiT's AR baseline flag, for uniform checks)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads or \
+                self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"config.json: {self.num_attention_heads} heads over hidden size "
+                            f"{self.hidden_size} and {self.num_key_value_heads} key/value heads "
+                            f"do not divide evenly")
+
+    @property
+    def model_length(self) -> int:
+        return min(self.max_position_embeddings, USABLE_CONTEXT)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> "DreamConfig":
+        names = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise UserError(f"{where}: missing {', '.join(missing)}; expected a Dream config.json")
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   extra={k: v for k, v in d.items() if k not in names})
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**self.extra, "model_type": "Dream", "architectures": ["DreamModel"], **out}
+
+
+@dataclass
+class KVCache:
+    """Keys (after RoPE) and values of every layer for a whole sequence: (B, H_kv, L, head_dim)."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    start: int = 0          # the window the next forward computes: positions [start, end)
+    end: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "KVCache":
+        return cls([None] * n_layers, [None] * n_layers)
+
+    def window(self, start: int, end: int) -> "KVCache":
+        self.start, self.end = start, end
+        return self
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (L, head_dim) for rotate-half RoPE, computed in fp32 then cast."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: DreamConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, layer: int) -> Tensor:
+        B, W, _ = h.shape
+        q = self.q_proj(h).view(B, W, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, W, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, W, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            if cache.keys[layer] is None:  # a refresh: the window is the whole sequence
+                cache.keys[layer], cache.values[layer] = k, v
+            else:  # the window's fresh keys replace its old ones; the rest is reused
+                cache.keys[layer][:, :, cache.start:cache.end] = k
+                cache.values[layer][:, :, cache.start:cache.end] = v
+                k, v = cache.keys[layer], cache.values[layer]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(a.transpose(1, 2).reshape(B, W, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: DreamConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: DreamConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, h, cos, sin, mask, cache, layer):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    """Qwen2's `model.*` part: embeddings, layers, final norm."""
+
+    def __init__(self, c: DreamConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class Dream(nn.Module):
+    """The Denoiser of DESIGN.md for Dream checkpoints: aligned (shifted) logits (B, W, V)."""
+
+    wants_bos = False  # prompts come with the chat template's own tokens
+
+    def __init__(self, config: DreamConfig):
+        super().__init__()
+        self.config = config
+        self.vocab_size, self.mask_id = config.vocab_size, config.mask_token_id
+        self.gradient_checkpointing = False
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embedding_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Module:  # what peft and HF utilities look for
+        return self.model.embed_tokens
+
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                attention_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """attention_mask (B, L_total) marks real key positions (right padding); `cache` see above."""
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        W = h.shape[1]
+        start = cache.start if cache is not None and cache.keys[0] is not None else 0
+        cos, sin = rope(torch.arange(start, start + W, device=h.device), self.config.head_dim,
+                        self.config.rope_theta, h.dtype)
+        # key padding only (B, 1, 1, L): pad queries still attend, so no row is all -inf (NaN)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, mask, cache, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, i)
+        logits = self.lm_head(self.model.norm(h))
+        return torch.cat((logits[:, :1], logits[:, :-1]), dim=1)  # row l predicts token l

@@ -63,10 +63,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# The placeholders take any arguments, so that scripts written against the future command get the
-# clear "not available yet" line rather than a usage error about an option.
-_ANY_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-
 
 def _version(value: bool) -> None:
     if value:
@@ -104,12 +100,27 @@ def pretrain(
     _out().print(Text(str(run_dir)))
 
 
-@app.command(context_settings=_ANY_ARGS)
-def finetune() -> None:
-    """DoRA/LoRA fine-tune a large MDLM (Dream-7B, Dream-Coder-7B) with SM (not available yet)."""
+@app.command()
+def finetune(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", show_default=False,
+                                           help="TOML recipe file (see recipes/dream-*.toml)")],
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR",
+                                                help="run directory to write; default: one "
+                                                     "under ./runs")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in the run directory "
+                                                          "from its last saved state")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="also write the merged model "
+                                                        "(config.json + model.safetensors)")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
+                                                      help="override a recipe key, e.g. "
+                                                           "train.steps=100 (repeatable)")] = None,
+) -> None:
+    """DoRA/LoRA fine-tune a large MDLM (Dream-7B, Dream-Coder-7B) with soft-masking."""
+    loaded = load_recipe(recipe, set_ or [])
     from smdlm_cli.commands import finetune as command
 
-    command.run()
+    _out().print(Text(str(command.run(loaded, recipe_path=recipe, out=out, resume=resume,
+                                      merge=merge))))
 
 
 @app.command()
@@ -132,6 +143,9 @@ def sample(
                                                         "line")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="nucleus mass")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--option", "-o", metavar="KEY=VALUE", help="sampler option, e.g. block_length=32, "
+        "cache=dual, threshold=0.9, alg=entropy (repeatable)")] = None,
     seed: Annotated[int, typer.Option("--seed", help="sample i uses seed + i")] = 0,
     sm_schedule: Annotated[str, typer.Option("--sm-schedule", help="none, linear or stepwise")] = "none",
     exact: Annotated[bool, typer.Option("--exact", help="recompute instead of reusing a step "
@@ -154,7 +168,8 @@ def sample(
     settings = command.SampleSettings(
         ckpt=ckpt, nfe=nfe, k=k, sampler=sampler, num_samples=num_samples, batch_size=batch_size,
         length=length, prompts=prompts, top_p=top_p, temperature=temperature, seed=seed,
-        sm_schedule=sm_schedule, exact=exact, device=device, out=out)
+        sm_schedule=sm_schedule, exact=exact, device=device, out=out,
+        options=command.parse_options(option))
     _out().print(Text(str(command.run(settings, show_steps=show_steps))))
 
 

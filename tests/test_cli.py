@@ -1,5 +1,5 @@
 """The `smdlm` app: `pretrain` hands the parsed recipe to its command module, every user error is
-one `error:` line on stderr with exit 2, the placeholder (finetune) says they are not available yet."""
+one `error:` line on stderr with exit 2."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ TRAIN_KEYS = ("steps, batch_size, micro_batch_size, lr, weight_decay, betas, war
     ("[train]\nlr = -1.0\n", [], "{path}: train.lr = -1.0, expected a number >= 0"),
     ('[train]\nsteps = "ten"\n', [], '{path}: train.steps = "ten", expected an integer >= 1'),
     ("[trian]\nsteps = 1\n", [],
-     "{path}: unknown table [trian] (known: model, data, softmask, train); did you mean train?"),
+     "{path}: unknown table [trian] (known: model, data, softmask, train, finetune); did you mean train?"),
     ("[softmask]\nkk = 1\n", [], "{path}: unknown key softmask.kk (known: enabled, k, prob, scale, "
                                  "centre, steepness, temperature, lr); did you mean softmask.k?"),
     ("[train]\nsteps = = 1\n", [], "{path}: TOML syntax error at line 2, column 9: Invalid value"),
@@ -164,13 +164,10 @@ def test_usage_errors_exit_2(args):
     assert runner.invoke(app, args).exit_code == 2
 
 
-@pytest.mark.parametrize("name", ["finetune"])
-@pytest.mark.parametrize("extra", [[], ["--ckpt", "runs/x", "humaneval", "--steps=3"]])
-def test_placeholders_say_not_available(name, extra):
-    result = runner.invoke(app, [name, *extra])
-    assert result.exit_code == 2
-    assert result.stderr == f"error: smdlm {name}: not available yet in this version\n"
-    assert result.stdout == ""
+def test_finetune_missing_recipe_is_one_line(tmp_path):
+    result = runner.invoke(app, ["finetune", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "nope.toml" in result.stderr
 
 
 def test_real_process_bad_recipe(tmp_path):

@@ -9,7 +9,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from dream_fixtures import CONFIG, random_dream, write_checkpoint
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.models import load_model, save_model
-from smdlm_cli.core.models.dream import Dream, KVCache
+from smdlm_cli.core.models.cache import KVCache
+from smdlm_cli.core.models.dream import Dream
 
 
 def qwen2_reference(model: Dream) -> Qwen2ForCausalLM:

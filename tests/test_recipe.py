@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.toml"))
 TRAIN_KEYS = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
 SHAPE = ("expected section.key=value, for example train.steps=100 "
-         "(tables: model, data, softmask, train)")
+         "(tables: model, data, softmask, train, finetune)")
 
 
 def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
@@ -133,7 +133,7 @@ def test_duplicate_key_is_a_syntax_error(tmp_path):
 
 def test_unknown_table(tmp_path):
     path = write(tmp_path, "[trian]\nsteps = 3\n")
-    assert error(path) == (f"{path}: unknown table [trian] (known: model, data, softmask, train); "
+    assert error(path) == (f"{path}: unknown table [trian] (known: model, data, softmask, train, finetune); "
                            f"did you mean train?")
 
 
@@ -154,7 +154,7 @@ def test_unknown_key_suggests_the_close_one_only_when_there_is_one(tmp_path):
 def test_key_outside_any_table(tmp_path):
     path = write(tmp_path, "steps = 3\n")
     assert error(path) == (f"{path}: key steps is outside any table; keys belong in a table "
-                           f"(known: model, data, softmask, train)")
+                           f"(known: model, data, softmask, train, finetune)")
 
 
 def test_table_name_used_as_key(tmp_path):
@@ -317,7 +317,7 @@ def test_later_override_wins_and_others_stay(tmp_path):
 @pytest.mark.parametrize("override, expected", [
     ("train.stepz=3", f"unknown key train.stepz (known: {TRAIN_KEYS}); did you mean train.steps?"),
     ("trian.steps=3",
-     "unknown table [trian] (known: model, data, softmask, train); did you mean train?"),
+     "unknown table [trian] (known: model, data, softmask, train, finetune); did you mean train?"),
     ("train.steps=ten", 'train.steps = "ten", expected an integer >= 1'),
     ("train.steps=1.5", "train.steps = 1.5, expected an integer >= 1"),
     ("train.lr=-1", "train.lr = -1, expected a number >= 0"),

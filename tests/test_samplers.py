@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from syncs import count_syncs
+
 from smdlm_cli.core.diffusion import subs_log_probs
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.samplers import SAMPLERS, decode, validate_sampler_args
@@ -390,36 +392,11 @@ def test_defaults_and_decode_argument_errors():
 
 
 # --- no host synchronisation inside the loop ----------------------------------------------------
-SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__")
-
-
 @pytest.mark.parametrize("sampler,kw", ALL, ids=IDS)
 def test_no_host_sync_inside_the_loop_cpu(sampler, kw, monkeypatch):
-    """CPU proxy for the CUDA check below: count every Tensor method that would wait for a device
-    (and boolean-mask indexing) while decoding. The count seen by every forward, and at the end,
-    must equal the count at the first forward: all syncs happen while planning, before the loop."""
-    count = [0]
-
-    def counting(name, original):
-        def wrapper(*args, **kwargs):
-            count[0] += 1
-            return original(*args, **kwargs)
-        return wrapper
-
-    for name in SYNCS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-    monkeypatch.setattr(torch, "nonzero", counting("nonzero", torch.nonzero))
-    monkeypatch.setattr(torch, "masked_select", counting("masked_select", torch.masked_select))
-    for name in ("__getitem__", "__setitem__"):
-        original = getattr(torch.Tensor, name)
-
-        def indexing(self, index, *rest, _original=original):
-            parts = index if isinstance(index, tuple) else (index,)
-            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-                count[0] += 1
-            return _original(self, index, *rest)
-        monkeypatch.setattr(torch.Tensor, name, indexing)
-
+    """CPU proxy for the CUDA check below (see syncs.py). The count seen by every forward, and at
+    the end, must equal the count at the first forward: all syncs happen while planning."""
+    count = count_syncs(monkeypatch)
     model, seen = Mock(), []
     original_forward = model.forward
     model.forward = lambda *a, **k: (seen.append(count[0]), original_forward(*a, **k))[1]

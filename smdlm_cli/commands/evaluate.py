@@ -94,7 +94,8 @@ def complete(s: sample.SampleSettings, loaded: tuple, prompts: list[str], n: int
     sampler = s.sampler or ("ar" if model.config.causal else "mdlm")
     steps = s.nfe or max_new
     sample.validate_sampler_args(sampler, steps=steps, **sample._sampler_options(s))
-    budget = length - 1 - max_new
+    bos = [tok.bos_token_id] if getattr(model, "wants_bos", True) else []
+    budget = length - len(bos) - max_new
     encoded, cut_prompts = [], 0
     for text in prompts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -105,7 +106,7 @@ def complete(s: sample.SampleSettings, loaded: tuple, prompts: list[str], n: int
     eos = tok.eos_token or ""
     for start in range(0, len(jobs), s.batch_size):
         batch = jobs[start:start + s.batch_size]
-        rows = [[tok.bos_token_id] + encoded[i] + [model.mask_id] * max_new for i, _ in batch]
+        rows = [bos + encoded[i] + [model.mask_id] * max_new for i, _ in batch]
         width = max(len(r) for r in rows)
         pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
         x = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -118,7 +119,7 @@ def complete(s: sample.SampleSettings, loaded: tuple, prompts: list[str], n: int
                         sm_schedule=s.sm_schedule, exact=s.exact, **sample._sampler_options(s))
         tokens = result.tokens.cpu().tolist()
         for b, (i, j) in enumerate(batch):
-            gen = tokens[b][1 + len(encoded[i]):len(rows[b])]
+            gen = tokens[b][len(bos) + len(encoded[i]):len(rows[b])]
             text = tok.decode(gen, skip_special_tokens=False)
             out[i][j] = text.split(eos)[0] if eos else text
         if on_batch is not None:

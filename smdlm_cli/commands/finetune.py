@@ -1,15 +1,147 @@
-"""`smdlm finetune`: DoRA/LoRA fine-tuning of a large MDLM (Dream-7B, Dream-Coder-7B) with SM.
+"""`smdlm finetune RECIPE`: DoRA/LoRA fine-tuning of a large MDLM (Dream-7B, Dream-Coder-7B) with SM.
 
-Not built yet: `run` says so as a UserError (exit 2, one line) instead of pretending to work. The
-issue that builds fine-tuning replaces this module and the command's options in app.py.
+The base model (`model.init`: a Dream hub name or directory, or `tiny-dream`, a small randomly
+initialised Dream-layout model built here for offline use) is frozen and wrapped by peft with
+DoRA or LoRA adapters; the SoftMask parameters train beside them at their own learning rate. The
+loop is pretrain's (core/trainer.py) with the fine-tuning objective: chat-formatted examples,
+prompt never masked, one t per batch in [t_min, t_max], (1/t)-weighted loss.
+A run directory holds adapter/ (adapter_config.json, adapter_model.safetensors), base.json (where
+the base model is), softmask.json + transparency_config.json, tokenizer/, recipe.toml,
+metrics.jsonl and state/; `--merge` adds the merged model (config.json + model.safetensors).
+`smdlm sample` / `evaluate` load such a run by merging the adapter into the base.
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
+import torch
+
+from smdlm_cli.commands.pretrain import _barrier, _check_resume_recipe, _run_dir, _train_with_progress
+from smdlm_cli.commands.pretrain import console
+from smdlm_cli.core import checkpoint, sft, trainer
+from smdlm_cli.core.config import Recipe
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.io import atomic_write_json, atomic_write_text
+from smdlm_cli.core.models import load_model, save_model
+from smdlm_cli.core.models.tiny_dream import TINY_DREAM, build_tiny_dream
+from smdlm_cli.core.softmask import SoftMask
+from smdlm_cli.core.tokenizer import load_tokenizer
+from smdlm_cli.recipe import dump_recipe
 
 
-def run() -> NoReturn:
-    raise UserError("smdlm finetune: not available yet in this version")
+def _base(recipe: Recipe, run_dir: Path, main: bool) -> str:
+    init = recipe.model.init
+    if not init:
+        raise UserError("model.init is empty; expected the base model to fine-tune (a Dream hub "
+                        "name such as Dream-org/Dream-Coder-v0-Instruct-7B, a directory, or tiny-dream)")
+    if init != TINY_DREAM:
+        return init
+    base = run_dir / "base"
+    if main and not (base / "config.json").exists():
+        console.print("building the tiny Dream-layout base model (random weights) ...")
+        build_tiny_dream(base, recipe.data, seed=recipe.train.seed)
+    _barrier()
+    return str(base)
+
+
+def _wrap(model, recipe: Recipe):
+    """Freeze the base and add the adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    f = recipe.finetune
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.gradient_checkpointing = recipe.train.grad_checkpointing
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [m for m in f.target_modules if m not in names]
+    if unknown:
+        raise UserError(f"finetune.target_modules: {unknown[0]!r} is not a module of the base "
+                        f"model; expected names such as q_proj, k_proj, v_proj, o_proj, gate_proj")
+    config = LoraConfig(r=f.r, lora_alpha=f.alpha, lora_dropout=f.dropout, bias="none",
+                        target_modules=list(f.target_modules), use_dora=f.method == "dora")
+    return get_peft_model(model, config)
+
+
+def publish(backbone, run_dir: Path) -> None:
+    """adapter/ through a temporary directory and a rename: never half-written."""
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter-"))
+    try:
+        backbone.save_pretrained(str(tmp), safe_serialization=True)
+        old = run_dir / "adapter"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(tmp, old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, merge: bool) -> Path:
+    ctx = trainer.setup_distributed(recipe.train.device)
+    run_dir = _run_dir(recipe_path, out, resume)
+    if resume:
+        _check_resume_recipe(run_dir, recipe)
+    fresh = not run_dir.exists()
+    _barrier()
+    try:
+        if ctx.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                atomic_write_text(run_dir / "recipe.toml", dump_recipe(
+                    recipe, header=f"smdlm finetune {run_dir / 'recipe.toml'} --out {run_dir} --resume"))
+        inputs = _setup(recipe, run_dir, resume, ctx)
+    except UserError:
+        if fresh and ctx.main:  # nothing trained: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    result = _train_with_progress(recipe, *inputs, run_dir, ctx, resume, name="finetune",
+                                  objective="sft", publish=publish)
+    if ctx.main:
+        backbone = inputs[0]
+        if merge:
+            save_model(backbone.merge_and_unload(), run_dir)
+        first, last = result.first_val, result.last_val
+        console.print(f"validation NLL {first['val_nll']:.4f} -> {last['val_nll']:.4f} nats per "
+                      f"masked token after {result.step} steps")
+        console.print(f"run saved in [bold]{run_dir}[/bold] (adapter/, softmask.json"
+                      f"{', merged model.safetensors' if merge else ''})")
+    return run_dir
+
+
+def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):
+    base = _base(recipe, run_dir, ctx.main)
+    tok = load_tokenizer(base)
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    model = load_model(base, device=ctx.device, dtype=dtype)
+    if len(tok) > model.vocab_size or tok.mask_token_id != model.mask_id:
+        raise UserError(f"{base}: tokenizer ({len(tok)} ids, mask {tok.mask_token_id}) does not fit "
+                        f"the model ({model.vocab_size} ids, mask {model.mask_id})")
+    torch.manual_seed(recipe.train.seed)  # the adapters' initial weights are part of the seed
+    backbone = _wrap(model, recipe).to(ctx.device)
+    sm = recipe.softmask
+    softmask = None
+    if sm.enabled:
+        softmask = SoftMask(k=sm.k, scale=sm.scale, centre=sm.centre, steepness=sm.steepness,
+                            temperature=sm.temperature or None)
+        if resume:
+            softmask = checkpoint.load_softmask(run_dir) or softmask
+    if ctx.main:
+        tok.save_pretrained(run_dir / "tokenizer")
+        atomic_write_json(run_dir / "base.json", {"path": base})
+    f, t = recipe.finetune, recipe.train
+    train_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "train")
+    valid_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "valid")
+    per_rank, micro, _ = trainer._batch_layout(t, ctx.world)
+    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
+    loader = sft.SFTLoader(train_items, micro, t.seed, pad, f.pad_supervised, f.pad_jitter,
+                           ctx.rank, ctx.world)
+    valid = sft.valid_batches(valid_items, micro, t.eval_batches, pad, f.pad_supervised)
+    if ctx.main:
+        n = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+        console.print(f"{f.method} r={f.r} on {', '.join(f.target_modules)}: {n / 1e6:.2f}M trainable "
+                      f"parameters; {'SM' if softmask else 'binary'}; {len(train_items)} training and "
+                      f"{len(valid_items)} validation examples; {ctx.world} process(es) on {ctx.device}")
+    return backbone, softmask, loader, valid

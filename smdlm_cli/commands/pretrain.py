@@ -174,11 +174,16 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):
     return backbone, softmask, loader, valid
 
 
-def _train_with_progress(recipe, backbone, softmask, loader, valid, run_dir, ctx, resume):
+def _train_with_progress(recipe, backbone, softmask, loader, valid, run_dir, ctx, resume,
+                         name: str = "pretrain", **fit_options):
+    """trainer.fit with a progress bar on rank 0; fit_options pass through (objective, publish)."""
     if not ctx.main:
         return trainer.fit(backbone, softmask, recipe.train, recipe.softmask, loader, valid, run_dir,
-                           ctx, resume=resume)
-    columns = [TextColumn("[bold]pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                           ctx, resume=resume, **fit_options)
+    sft = fit_options.get("objective") == "sft"
+    what = "validation NLL" if sft else "validation ELBO"
+    unit = "nats per masked token (ppl" if sft else "nats/token (ppl ≤"
+    columns = [TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("train", total=recipe.train.steps, info="")
@@ -190,11 +195,11 @@ def _train_with_progress(recipe, backbone, softmask, loader, valid, run_dir, ctx
                     info += f"  ω_s {rec['scale']:.3g}"
                 progress.update(task, completed=rec["step"], info=info)
             else:
-                progress.console.print(f"step {rec['step']}: validation ELBO {rec['val_nll']:.4f} "
-                                       f"nats/token (ppl ≤ {rec['val_ppl']:.2f})")
+                progress.console.print(f"step {rec['step']}: {what} {rec['val_nll']:.4f} "
+                                       f"{unit} {rec['val_ppl']:.2f})")
 
         return trainer.fit(backbone, softmask, recipe.train, recipe.softmask, loader, valid, run_dir,
-                           ctx, resume=resume, on_step=on_step)
+                           ctx, resume=resume, on_step=on_step, **fit_options)
 
 
 def _summary(run_dir: Path, result: trainer.TrainResult) -> None:

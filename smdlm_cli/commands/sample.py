@@ -49,6 +49,28 @@ class SampleSettings:
     exact: bool = False
     device: str = "auto"
     out: str | None = None
+    options: dict = field(default_factory=dict)  # further sampler options (--option KEY=VALUE)
+
+
+def parse_options(pairs: list[str] | None) -> dict:
+    """--option KEY=VALUE pairs -> {key: value}: none -> None, then int, float, or the text."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option {pair}: expected KEY=VALUE, e.g. cache=dual or threshold=0.9")
+        value: object = text.strip()
+        if value.lower() == "none":
+            value = None
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        options[key.strip()] = value
+    return options
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,7 +100,7 @@ def load_run(run_dir: Path, device: torch.device):
     tok_dir = run_dir / "tokenizer"
     tok = load_tokenizer(str(tok_dir if tok_dir.is_dir() else run_dir))
     model = load_model(str(run_dir), device=device).eval()
-    if len(tok) != model.vocab_size or tok.mask_token_id != model.mask_id:
+    if len(tok) > model.vocab_size or tok.mask_token_id != model.mask_id:
         raise UserError(f"{run_dir}: tokenizer ({len(tok)} ids, mask {tok.mask_token_id}) does not "
                         f"match the model ({model.vocab_size} ids, mask {model.mask_id})")
     return model, tok, checkpoint.load_softmask(run_dir)
@@ -98,17 +120,20 @@ def choose_softmask(softmask: SoftMask | None, k: int | None, run_dir: Path) -> 
     return softmask
 
 
-def build_inputs(tok, prompts: list[str], n: int, length: int, mask_id: int) -> tuple[torch.Tensor, list[str]]:
-    """(n, length) ids: [BOS] + prompt + masks, prompts cycled over the rows."""
+def build_inputs(tok, prompts: list[str], n: int, length: int, mask_id: int,
+                 bos: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """(n, length) ids: [BOS] (for models trained on BOS blocks) + prompt + masks, prompts cycled."""
     texts = [prompts[i % len(prompts)] if prompts else "" for i in range(n)]
     x = torch.full((n, length), mask_id, dtype=torch.long)
-    x[:, 0] = tok.bos_token_id
+    start = int(bos)
+    if bos:
+        x[:, 0] = tok.bos_token_id
     for i, text in enumerate(texts):
         ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
-        if 1 + len(ids) >= length:
+        if start + len(ids) >= length:
             raise UserError(f"--length {length}: prompt {text[:40]!r} takes {len(ids)} tokens; "
-                            f"expected a length above 1 + the prompt's tokens")
-        x[i, 1:1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
+                            f"expected a length above {start} + the prompt's tokens")
+        x[i, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
     return x, texts
 
 
@@ -125,7 +150,8 @@ def _check(s: SampleSettings, model_length: int) -> int:
 
 
 def _sampler_options(s: SampleSettings) -> dict:
-    return {k: v for k, v in (("top_p", s.top_p), ("temperature", s.temperature)) if v is not None}
+    flags = {k: v for k, v in (("top_p", s.top_p), ("temperature", s.temperature)) if v is not None}
+    return {**s.options, **flags}
 
 
 def generate(s: SampleSettings, trace: bool = False, loaded: tuple | None = None,
@@ -147,7 +173,8 @@ def generate(s: SampleSettings, trace: bool = False, loaded: tuple | None = None
     softmask = choose_softmask(softmask, s.k, run_dir)
     if softmask is not None:
         softmask = softmask.to(device)
-    x, prompts = build_inputs(tok, s.prompts, s.num_samples, length, model.mask_id)
+    x, prompts = build_inputs(tok, s.prompts, s.num_samples, length, model.mask_id,
+                              bos=getattr(model, "wants_bos", True))
     records, first_trace, total = [], None, 0.0
     for start in range(0, s.num_samples, s.batch_size):
         rows = x[start:start + s.batch_size]

@@ -50,6 +50,7 @@ class SweepSettings:
     sampler: str = "mdlm"
     top_p: float | None = None
     temperature: float | None = None
+    options: dict = field(default_factory=dict)  # further sampler options (cache, threshold, ...)
     batch_size: int = 16
     num_refs: int = 0          # 0: as many as samples
     device: str = "auto"
@@ -108,7 +109,8 @@ def _settings(w: SweepSettings, row: Row, nfe: int, seed_index: int) -> sample.S
         ckpt=str(row.run_dir), nfe=nfe, k=0 if row.decoding == "binary" else None,
         sampler="ar" if row.decoding == "AR" else w.sampler, num_samples=w.num_samples,
         batch_size=w.batch_size, length=w.length, top_p=w.top_p, temperature=w.temperature,
-        seed=w.seed + seed_index * w.num_samples, device=w.device)
+        seed=w.seed + seed_index * w.num_samples, device=w.device,
+        options={} if row.decoding == "AR" else dict(w.options))
 
 
 def _cell(w: SweepSettings, row: Row, nfe: int, seed_index: int, scorer, ref_features,

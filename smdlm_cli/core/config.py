@@ -81,7 +81,7 @@ class TrainConfig:
                                    "(no gradient accumulation)", lo=0)
     lr: float = opt(3e-4, "peak learning rate of the backbone", lo=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay (backbone only)", lo=0.0)
-    betas: list = opt([0.9, 0.999], "AdamW betas")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     warmup: int = opt(2500, "linear warm-up steps", lo=0)
     schedule: str = opt("constant", "after warm-up: constant, or cosine down to 0",
                         choices=("constant", "cosine"))
@@ -105,8 +105,24 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
 
+@dataclass
+class FinetuneConfig:
+    method: str = opt("dora", "adapter kind (peft): dora (the paper) or lora", choices=("dora", "lora"))
+    r: int = opt(16, "adapter rank", lo=1)
+    alpha: int = opt(16, "adapter scaling alpha", lo=1)
+    dropout: float = opt(0.0, "adapter dropout", lo=0.0, hi=0.9)
+    target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj"],
+                               "module names that get adapters (the paper: attention only)")
+    max_length: int = opt(2048, "drop examples longer than this many tokens", lo=8)
+    min_response_tokens: int = opt(5, "drop examples with fewer response tokens", lo=1)
+    pad_supervised: bool = opt(True, "padding (EOS) is part of the response: masked and learned, "
+                                     "as the paper; false = pads never attended nor masked")
+    pad_jitter: int = opt(50, "extra padding of 0..N-1 tokens per batch (then to a multiple of 8), "
+                              "as the paper's collator", lo=0)
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "softmask": SoftMaskConfig,
-            "train": TrainConfig}
+            "train": TrainConfig, "finetune": FinetuneConfig}
 
 
 @dataclass
@@ -116,6 +132,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def field_docs(cls) -> dict[str, str]:

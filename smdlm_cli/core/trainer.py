@@ -186,6 +186,54 @@ def _nll(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int, causal
     return diffusion.elbo_per_token(logits, x0, xt, t, mask_id)
 
 
+def sft_noised(batch, t: Tensor, mask_id: int, g: torch.Generator) -> Tensor:
+    """x_t of a fine-tuning batch: the SM paper's collator. Only `maskable` positions (never the
+    prompt) are masked, each with p = (1 - 1e-3) t + 1e-3, and a row left without a mask gets its
+    maskable position of lowest noise masked, so every row teaches something."""
+    x0, maskable = batch.input_ids, batch.maskable
+    u = torch.rand(x0.shape, generator=g, device=x0.device)
+    is_mask = (u < (1 - 1e-3) * t + 1e-3) & maskable
+    first = torch.where(maskable, u, 2.0).argmin(-1, keepdim=True)
+    forced = torch.zeros_like(is_mask).scatter_(1, first, True) & maskable
+    is_mask |= forced & ~is_mask.any(-1, keepdim=True)
+    return torch.where(is_mask, torch.full_like(x0, mask_id), x0)
+
+
+def sft_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
+    """(loss, summed nll): (1/t) times the mean CE over the batch's masked tokens, as the paper."""
+    nll = diffusion.masked_nll(logits, x0, xt, mask_id).sum()
+    return nll / (xt == mask_id).sum().clamp_min(1) / t, nll
+
+
+def _sft_time(cfg: TrainConfig, g: torch.Generator, device: torch.device) -> Tensor:
+    """One t ~ U(t_min, t_max) for the whole micro-batch."""
+    return cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand((), generator=g, device=device)
+
+
+@torch.no_grad()
+def validation_sft(model: TwoPass, batches: list, use_sm: bool, seed: int, ctx: Dist,
+                   precision: str, t_min: float, t_max: float) -> dict:
+    """Fine-tuning validation with fixed times (evenly spread over [t_min, t_max]) and masks:
+    val_nll = nats per masked response token, val_loss = the mean training objective."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    mask_id = model.backbone.mask_id
+    for i, batch in enumerate(batches):
+        batch = batch.to(ctx.device)
+        t = torch.tensor(t_min + (t_max - t_min) * (i + 0.5) / len(batches), device=ctx.device)
+        xt = sft_noised(batch, t, mask_id, _generator(ctx.device, seed, 0x5EED, i, ctx.rank))
+        with _autocast(ctx.device, precision):
+            logits = model(xt, use_sm=use_sm, attention_mask=batch.attention_mask)
+        loss, nll = sft_loss(logits, batch.input_ids, xt, t, mask_id)
+        total += torch.stack([nll.double(), (xt == mask_id).sum().double(), loss.double()])
+    _all_reduce_sum(total)
+    model.train(was_training)
+    nll = (total[0] / total[1]).item()
+    return {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0)), "val_bpd": nll / math.log(2),
+            "val_loss": (total[2] / (len(batches) * ctx.world)).item()}
+
+
 @torch.no_grad()
 def validation_elbo(model: TwoPass, batches: list[Tensor], use_sm: bool, seed: int,
                     ctx: Dist, precision: str, on_batch: Callable[[], None] | None = None) -> dict:
@@ -225,13 +273,17 @@ def _param_groups(model: TwoPass, cfg: TrainConfig, sm_cfg: SoftMaskConfig) -> l
 
 
 def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg: SoftMaskConfig,
-        loader, valid_batches: list[Tensor], run_dir: Path, ctx: Dist, resume: bool = False,
-        on_step: Callable[[dict], None] | None = None) -> TrainResult:
+        loader, valid_batches: list, run_dir: Path, ctx: Dist, resume: bool = False,
+        on_step: Callable[[dict], None] | None = None, objective: str = "elbo",
+        publish: Callable[[nn.Module, Path], None] = save_model) -> TrainResult:
     """Train `backbone` (+ `softmask`) for cfg.steps optimizer steps, saving into `run_dir`.
 
-    `loader` yields per-rank batches (next_batch() -> (B, L) ids) and has state_dict /
-    load_state_dict. `on_step` gets every metrics record (rank 0 only). Each save writes the
-    resumable state, then publishes model.safetensors (EMA weights) and softmask.json.
+    `loader` yields per-rank batches and has state_dict / load_state_dict: (B, L) ids for the
+    "elbo" objective (pretraining), SFTBatch for "sft" (fine-tuning: prompt never masked, one t per
+    micro-batch in [t_min, t_max], (1/t)-weighted mean CE). `on_step` gets every metrics record
+    (rank 0 only). Each save writes the resumable state (trainable parameters only, so a frozen
+    7B base is never copied), then `publish`es the weights (EMA ones if any) and softmask.json.
+    Only parameters with requires_grad are trained (a PEFT-wrapped backbone trains its adapters).
     """
     per_rank, micro, accum = _batch_layout(cfg, ctx.world)
     if ctx.main:
@@ -241,7 +293,10 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
     model.train()
     backbone.gradient_checkpointing = cfg.grad_checkpointing
     opt = torch.optim.AdamW(_param_groups(model, cfg, sm_cfg), betas=tuple(cfg.betas), eps=1e-8)
-    ema = EMA(dict(backbone.named_parameters()), cfg.ema) if cfg.ema > 0 else None
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    ema = (EMA({k: p for k, p in backbone.named_parameters() if p.requires_grad}, cfg.ema)
+           if cfg.ema > 0 else None)
+    sft = objective == "sft"
 
     step, forwards, tokens = 0, 0, 0
     first_val = last_val = None
@@ -251,7 +306,11 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
         if state_dir is None:
             raise UserError(f"--resume: {run_dir} has no saved training state")
         st = checkpoint.load_state(state_dir, ctx.device)
-        model.load_state_dict(st["weights"])
+        result = model.load_state_dict(st["weights"], strict=False)
+        missing = sorted(trainable & set(result.missing_keys))
+        if missing or result.unexpected_keys:
+            raise UserError(f"--resume: {state_dir} does not hold this model's trainable weights "
+                            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
         opt.load_state_dict(st["optimizer"])
         if ema is not None:
             if st["ema"] is None:
@@ -276,13 +335,13 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
 
     def save():
         if ctx.main:
-            weights = model.state_dict()
+            weights = {k: v for k, v in model.state_dict().items() if k in trainable}
             trainer_state = {"forwards": forwards, "tokens": tokens, "loader": loader.state_dict(),
                              "ema_updates": ema.updates if ema else 0, "first_val": first_val}
             checkpoint.save_state(run_dir, step, weights, opt, ema.shadow if ema else None,
                                   trainer_state)
             with ema_weights(backbone, ema):
-                save_model(backbone, run_dir)
+                publish(backbone, run_dir)
             if use_sm_ever:
                 checkpoint.save_softmask(run_dir, softmask)
         if dist.is_initialized():
@@ -290,6 +349,9 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
 
     def evaluate() -> dict:
         with ema_weights(backbone, ema):
+            if sft:
+                return validation_sft(model, valid_batches, use_sm_ever, cfg.seed, ctx,
+                                      cfg.precision, cfg.t_min, cfg.t_max)
             return validation_elbo(model, valid_batches, use_sm_ever, cfg.seed, ctx, cfg.precision)
 
     def emit(record: dict) -> None:
@@ -312,25 +374,36 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
         # Times and mask noise are drawn for the whole global batch and sliced by the loader's
         # layout (row j of micro-batch m on rank r is global row m*micro*W + j*W + r), so the
         # samples do not depend on how the batch is split over ranks and accumulation steps.
-        g = _generator(ctx.device, cfg.seed, step, 2)
-        times = diffusion.sample_t(cfg.batch_size, cfg.t_min, cfg.t_max, cfg.antithetic,
-                                   generator=g, device=ctx.device)
-        times = times[torch.randperm(cfg.batch_size, generator=g, device=ctx.device)]
-        noise = torch.rand(cfg.batch_size, length, generator=g, device=ctx.device)
-        times = times.view(accum, micro, ctx.world)
-        noise = noise.view(accum, micro, ctx.world, length)
+        if not sft:  # fine-tuning batches draw their own noise (their length varies)
+            g = _generator(ctx.device, cfg.seed, step, 2)
+            times = diffusion.sample_t(cfg.batch_size, cfg.t_min, cfg.t_max, cfg.antithetic,
+                                       generator=g, device=ctx.device)
+            times = times[torch.randperm(cfg.batch_size, generator=g, device=ctx.device)]
+            noise = torch.rand(cfg.batch_size, length, generator=g, device=ctx.device)
+            times = times.view(accum, micro, ctx.world)
+            noise = noise.view(accum, micro, ctx.world, length)
         loss_sum = torch.zeros((), device=ctx.device)
         for m in range(accum):
-            x0 = loader.next_batch().to(ctx.device)
-            t = times[m, :, ctx.rank]
-            xt = _noised(x0, t, mask_id, causal, u=noise[m, :, ctx.rank])
+            batch, attention = loader.next_batch().to(ctx.device), None
+            if sft:
+                g_m = _generator(ctx.device, cfg.seed, step, 3, m, ctx.rank)
+                t = _sft_time(cfg, g_m, ctx.device)
+                x0, attention = batch.input_ids, batch.attention_mask
+                xt = sft_noised(batch, t, mask_id, g_m)
+            else:
+                x0, t = batch, times[m, :, ctx.rank]
+                xt = _noised(x0, t, mask_id, causal, u=noise[m, :, ctx.rank])
             sync = ddp.no_sync() if (ctx.world > 1 and m < accum - 1) else nullcontext()
             with sync:
                 with _autocast(ctx.device, cfg.precision):
-                    logits = ddp(xt, use_sm)
-                loss = _nll(logits, x0, xt, t, mask_id, causal).sum() / (per_rank * length)
+                    logits = ddp(xt, use_sm, attention)
+                if sft:
+                    loss = sft_loss(logits, x0, xt, t, mask_id)[0] / accum
+                else:
+                    loss = _nll(logits, x0, xt, t, mask_id, causal).sum() / (per_rank * length)
                 loss.backward()
             loss_sum += loss.detach()
+            tokens += x0.numel() * ctx.world
         grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
                      else None)
         opt.step()
@@ -339,7 +412,6 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
             ema.update(dict(backbone.named_parameters()))
         step += 1
         forwards += accum * (2 if use_sm else 1)
-        tokens += cfg.batch_size * length
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             loss_all = _all_reduce_sum(loss_sum.clone()) / ctx.world

@@ -106,6 +106,8 @@ def load_model(path_or_name: str, device: str | torch.device = "cpu",
     train or sample garbage. Dream models keep their stored dtype unless `dtype` says otherwise.
     """
     model_dir = resolve(path_or_name)
+    if not (model_dir / "config.json").exists() and (model_dir / "adapter").is_dir():
+        return _load_adapted(model_dir, device, dtype)
     config = read_config(model_dir)
     if isinstance(config, DreamConfig):
         return _load_dream(model_dir, config, device, dtype, weights)
@@ -143,6 +145,19 @@ def _load_dream(model_dir: Path, config: DreamConfig, device, dtype, weights: bo
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device=device, dtype=dtype)
+
+
+def _load_adapted(run_dir: Path, device, dtype) -> nn.Module:
+    """A fine-tuning run without a merged model: its base (base.json) with adapter/ merged in."""
+    from peft import PeftModel
+
+    try:
+        base = json.loads((run_dir / "base.json").read_text())["path"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise UserError(f"{run_dir}: has adapter/ but no readable base.json naming its base model; "
+                        f"expected a run directory written by smdlm finetune") from None
+    model = load_model(base, device=device, dtype=dtype)
+    return PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
 
 
 def save_model(model: DiT | Dream, out_dir: str | Path) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.models.cache import KVCache
 
 # (hidden_dim, n_blocks, n_heads, cond_dim); small and medium are MDLM's configs/model/*.yaml.
 PRESETS = {
@@ -90,9 +91,12 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
         self.register_buffer("inv_freq", inv_freq)  # persistent: MDLM checkpoints carry it
 
-    def forward(self, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = torch.outer(torch.arange(length, device=self.inv_freq.device).float(), self.inv_freq)
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)  # (L, head_dim/2) each
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin: (L, head_dim/2) for positions (L,), (B, 1, L, head_dim/2) for (B, L)."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        if freqs.dim() == 3:
+            freqs = freqs[:, None]
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -129,13 +133,15 @@ class DiTBlock(nn.Module):
                                  nn.Linear(4 * dim, dim))
         self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
-    def forward(self, h: Tensor, c: Tensor, cos: Tensor, sin: Tensor,
-                attn_mask: Tensor | None, causal: bool = False) -> Tensor:
+    def forward(self, h: Tensor, c: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
+                causal: bool = False, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, L, D = h.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         qkv = self.attn_qkv(modulate(self.norm1(h), sh1, sc1))
         q, k, v = qkv.view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype), sin.to(k.dtype))
+        if cache is not None:
+            k, v = cache.attend(layer, k, v)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         a = self.attn_out(a.transpose(1, 2).reshape(B, L, D))
         p = self.dropout if self.training else 0.0
@@ -175,6 +181,8 @@ class DiT(nn.Module):
     attention, trained left to right, whose row l predicts token l + 1 (next-token logits).
     """
 
+    wants_bos = True  # trained on [BOS] ... [EOS] blocks: prompts start after a BOS
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
@@ -197,9 +205,17 @@ class DiT(nn.Module):
     def embedding_weight(self) -> Tensor:
         return self.vocab_embed.embedding
 
+    def empty_cache(self) -> KVCache:
+        if self.config.causal:
+            raise UserError("an AR (causal) model decodes left to right; expected no block cache")
+        return KVCache.empty(self.config.n_blocks)
+
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
-        h, c = self._trunk(input_ids, inputs_embeds, attention_mask)
+                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        """attention_mask (B, L_total) marks real key positions; `cache` see models/cache.py;
+        position_ids (B, W) the rotary positions of the given tokens (default: their columns)."""
+        h, c = self._trunk(input_ids, inputs_embeds, attention_mask, cache, position_ids)
         return self.output_layer(h, c)
 
     def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -208,12 +224,16 @@ class DiT(nn.Module):
         shift, scale = self.output_layer.adaLN_modulation(c)[:, None].chunk(2, dim=2)
         return modulate(self.output_layer.norm_final(h), shift, scale)
 
-    def _trunk(self, input_ids, inputs_embeds, attention_mask) -> tuple[Tensor, Tensor]:
+    def _trunk(self, input_ids, inputs_embeds, attention_mask, cache=None,
+               position_ids=None) -> tuple[Tensor, Tensor]:
         h = self.vocab_embed(input_ids) if inputs_embeds is None else inputs_embeds
         L = h.shape[1]
         # σ = 0 for every row (time conditioning off): one conditioning row, broadcast over the batch.
         c = F.silu(self.sigma_map(torch.zeros(1, device=h.device)))
-        cos, sin = self.rotary_emb(L, torch.float32)
+        if position_ids is None:
+            position_ids = (cache.positions(L, h.device) if cache is not None
+                            else torch.arange(L, device=h.device))
+        cos, sin = self.rotary_emb(position_ids, torch.float32)
         # A padding mask (B, L) -> (B, 1, 1, L) keys to attend; None keeps the flash kernels usable.
         mask, causal = None, self.config.causal
         if attention_mask is not None:
@@ -221,11 +241,11 @@ class DiT(nn.Module):
             if causal:  # SDPA takes a mask or is_causal, not both
                 mask = mask & torch.ones(L, L, dtype=torch.bool, device=h.device).tril()
                 causal = False
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, cos, sin, mask, causal, use_reentrant=False)
+                h = checkpoint(block, h, c, cos, sin, mask, causal, cache, i, use_reentrant=False)
             else:
-                h = block(h, c, cos, sin, mask, causal)
+                h = block(h, c, cos, sin, mask, causal, cache, i)
         return h, c
 
 

@@ -8,12 +8,9 @@ keep the AR habit of predicting the NEXT token. The adapter shifts them by one i
 trainer see aligned logits as from every other backbone. Our own code rather than transformers'
 Qwen2 made bidirectional: see the CHANGELOG for the measurement, and `cache` below for what it buys.
 
-Cache (block-wise decoding, Fast-dLLM): a `KVCache` holds every layer's keys (after RoPE) and
-values for the whole sequence. A forward on a window of positions [start, end) writes that window's
-keys and values into the cache and attends over all of it: a refresh is the window [0, L); the
-prefix cache is [block start, L); the dual cache is [block start, block end), reusing the suffix
-keys of the last refresh. The first row of a window has no previous row to take its shifted logits
-from; it repeats its own, so a sampler never draws the window's first position from them.
+Cache (block-wise decoding, Fast-dLLM): see models/cache.py. The first row of a window has no
+previous row to take its shifted logits from; it repeats its own, so decoding starts a window one
+position before the block (samplers/blockwise.py) and never draws from that row.
 
 Not here: loading files (models/__init__.py), sampling, training.
 """
@@ -29,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.models.cache import KVCache
 
 USABLE_CONTEXT = 2048  # Dream was trained at 2048 tokens; max_position_embeddings is not a limit
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -87,24 +85,6 @@ class DreamConfig:
         return {**self.extra, "model_type": "Dream", "architectures": ["DreamModel"], **out}
 
 
-@dataclass
-class KVCache:
-    """Keys (after RoPE) and values of every layer for a whole sequence: (B, H_kv, L, head_dim)."""
-
-    keys: list[Tensor]
-    values: list[Tensor]
-    start: int = 0          # the window the next forward computes: positions [start, end)
-    end: int = 0
-
-    @classmethod
-    def empty(cls, n_layers: int) -> "KVCache":
-        return cls([None] * n_layers, [None] * n_layers)
-
-    def window(self, start: int, end: int) -> "KVCache":
-        self.start, self.end = start, end
-        return self
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -118,10 +98,13 @@ class RMSNorm(nn.Module):
 
 
 def rope(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin (L, head_dim) for rotate-half RoPE, computed in fp32 then cast."""
+    """cos, sin for rotate-half RoPE, computed in fp32 then cast: (L, head_dim) for positions (L,),
+    (B, 1, L, head_dim) for per-row positions (B, L)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None]
+    angles = positions.float()[..., None] * inv_freq
     emb = torch.cat((angles, angles), dim=-1)
+    if emb.dim() == 3:
+        emb = emb[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -147,12 +130,7 @@ class Attention(nn.Module):
         v = self.v_proj(h).view(B, W, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
-            if cache.keys[layer] is None:  # a refresh: the window is the whole sequence
-                cache.keys[layer], cache.values[layer] = k, v
-            else:  # the window's fresh keys replace its old ones; the rest is reused
-                cache.keys[layer][:, :, cache.start:cache.end] = k
-                cache.values[layer][:, :, cache.start:cache.end] = v
-                k, v = cache.keys[layer], cache.values[layer]
+            k, v = cache.attend(layer, k, v)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(a.transpose(1, 2).reshape(B, W, -1))
 
@@ -212,14 +190,21 @@ class Dream(nn.Module):
     def get_input_embeddings(self) -> nn.Module:  # what peft and HF utilities look for
         return self.model.embed_tokens
 
+    def empty_cache(self) -> KVCache:
+        return KVCache.empty(self.config.num_hidden_layers)
+
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                attention_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """attention_mask (B, L_total) marks real key positions (right padding); `cache` see above."""
+                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        """attention_mask (B, L_total) marks real key positions (padding anywhere); `cache` see
+        models/cache.py; position_ids (B, W) the RoPE positions of the given tokens (default: their
+        columns, so left padding needs them)."""
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         W = h.shape[1]
-        start = cache.start if cache is not None and cache.keys[0] is not None else 0
-        cos, sin = rope(torch.arange(start, start + W, device=h.device), self.config.head_dim,
-                        self.config.rope_theta, h.dtype)
+        if position_ids is None:
+            position_ids = (cache.positions(W, h.device) if cache is not None
+                            else torch.arange(W, device=h.device))
+        cos, sin = rope(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         # key padding only (B, 1, 1, L): pad queries still attend, so no row is all -inf (NaN)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for i, layer in enumerate(self.model.layers):

@@ -39,7 +39,9 @@ GRID_EPS = 1e-3  # Dream's default eps
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 # The paper's coding evaluation uses alg entropy; the rest are Dream's diffusion_generate defaults.
 OPTIONS = {"alg": "entropy", "temperature": 0.0, "top_p": 1.0, "top_k": None, "alg_temp": 0.0,
-           "block_length": None}
+           "block_length": None,
+           # Fast-dLLM (blockwise.py): KV cache, parallel decoding rules, mid-block refreshes
+           "cache": "none", "threshold": None, "factor": None, "refresh_every": 0}
 
 
 def filtered_probs(lp: Tensor, o: dict, mask_id: int) -> Tensor:
@@ -116,35 +118,55 @@ class ConfidenceTransition:
     def noise_removal(self) -> list[bool]:
         return [False] * self.k_dev.shape[1]  # the last step of every block commits all its masks
 
-    def step(self, i: int, x: Tensor, logp: Tensor, rows: Sequence[int]) -> Tensor:
-        """x after step i: each listed row commits its k most confident candidates."""
-        B, L = x.shape
-        o, flat = self.options, logp.reshape(B * L, -1)
+    def step(self, i: int, x: Tensor, logp: Tensor, rows: Sequence[int], start: int = 0) -> Tensor:
+        """x after step i: each listed row commits its k most confident candidates. logp (B, W, V)
+        covers the columns [start, start + W) of x (a KV-cache window; by default all of them)."""
+        cols = slice(start, start + logp.shape[1])
+        cand = (x[:, cols] == self.mask_id) & self.in_block[i // self.steps_per_block][:, cols]
         counts = [self.candidates[i][b] for b in rows]
-        gens = [self.generators[b] for b in rows]
-        cand = (x == self.mask_id) & self.in_block[i // self.steps_per_block]
-        idx = positions(cand, rows, counts)
-        # a confidence that ignores the sampled token lets us draw only the k committed tokens
-        late = o["temperature"] > 0 and o["alg"] != "maskgit_plus"
-        conf, x0 = sample_tokens(flat.index_select(0, idx), gens, counts, o, self.mask_id,
-                                 draw=not late)
-        if o["alg_temp"] > 0:  # Gumbel-top-k = sampling softmax(conf/T) w/o replacement (fp64)
-            conf = conf.double() / o["alg_temp"] + gumbels(gens, counts, x.device)
-        full = torch.full((B * L,), float("-inf"), dtype=conf.dtype, device=x.device)
-        full = full.index_copy(0, idx, conf).view(B, L)
-        # a stable sort, not topk: ties break by position whatever k, so rows do not interact
-        k_max = max(self.k[i][b] for b in rows)
-        chosen_idx = full.sort(dim=-1, descending=True, stable=True).indices[:, :k_max]
-        keep = torch.arange(k_max, device=x.device)[None] < self.k_dev[i][:, None]
-        chosen = torch.zeros_like(cand).scatter_(1, chosen_idx, keep)
-        if late:
-            ks = [self.k[i][b] for b in rows]
-            committed = positions(chosen, rows, ks)
-            probs = filtered_probs(flat.index_select(0, committed), o, self.mask_id)
-            tokens = categorical_fp64(probs, gens, ks)
-            return x.reshape(-1).index_copy(0, committed, tokens).view_as(x)
-        proposal = x.reshape(-1).index_copy(0, idx, x0).view_as(x)
-        return torch.where(chosen, proposal, x)
+        new = commit(x[:, cols], logp, cand, rows, counts, [self.k[i][b] for b in rows],
+                     self.k_dev[i], self.generators, self.options, self.mask_id)
+        if new.shape == x.shape:
+            return new
+        out = x.clone()
+        out[:, cols] = new
+        return out
+
+
+def commit(x: Tensor, logp: Tensor, cand: Tensor, rows: Sequence[int], counts: Sequence[int],
+           ks: Sequence[int] | None, k: Tensor, generators: Sequence[torch.Generator], o: dict,
+           mask_id: int, rule=None) -> Tensor:
+    """x (B, W) after each listed row commits its k[b] most confident candidates.
+
+    logp (B, W, V) over the same columns; cand (B, W) the candidates, counts[j] of them in row
+    rows[j]; ks[j] = k[rows[j]] on the host, or None when a `rule` (threshold or factor) raises k
+    on the device from each row's confidences sorted in decreasing order.
+    """
+    B, W = x.shape
+    flat = logp.reshape(B * W, -1)
+    gens = [generators[b] for b in rows]
+    idx = positions(cand, rows, counts)
+    # a confidence that ignores the sampled token lets us draw only the k committed tokens
+    late = o["temperature"] > 0 and o["alg"] != "maskgit_plus"
+    conf, x0 = sample_tokens(flat.index_select(0, idx), gens, counts, o, mask_id, draw=not late)
+    if o["alg_temp"] > 0:  # Gumbel-top-k = sampling softmax(conf/T) w/o replacement (fp64)
+        conf = conf.double() / o["alg_temp"] + gumbels(gens, counts, x.device)
+    full = torch.full((B * W,), float("-inf"), dtype=conf.dtype, device=x.device)
+    full = full.index_copy(0, idx, conf).view(B, W)
+    # a stable sort, not topk: ties break by position whatever k, so rows do not interact
+    ranked = full.sort(dim=-1, descending=True, stable=True)
+    if rule is not None:
+        k = torch.maximum(k, rule(ranked.values))
+    k_max = max(ks) if ks is not None else max(counts)
+    keep = torch.arange(k_max, device=x.device)[None] < k[:, None]
+    chosen = torch.zeros_like(cand).scatter_(1, ranked.indices[:, :k_max], keep)
+    if late:
+        committed = positions(chosen, rows, ks)
+        probs = filtered_probs(flat.index_select(0, committed), o, mask_id)
+        tokens = categorical_fp64(probs, gens, ks)
+        return x.reshape(-1).index_copy(0, committed, tokens).view_as(x)
+    proposal = x.reshape(-1).index_copy(0, idx, x0).view_as(x)
+    return torch.where(chosen, proposal, x)
 
 
 def _blocks(gen_host: Tensor, block_length: int | None) -> Tensor:

@@ -17,6 +17,8 @@ batch and alone. With SM, `exact=True` runs a forward at every step, so the feed
 while x stands still (Dream's own loop does that); without SM it changes nothing.
 
 Host transfers, all before the loop: the positions to generate, and for the MDLM family the plan.
+The confidence sampler with a KV cache, threshold or factor (Fast-dLLM) decodes block by block in
+blockwise.py instead: its windows and data-dependent step counts do not fit this plan.
 Not here: the transitions' rules, model code, the CLI.
 """
 
@@ -31,8 +33,9 @@ from torch import Tensor
 
 from smdlm_cli.core.diffusion import subs_log_probs
 from smdlm_cli.core.errors import UserError
-from smdlm_cli.core.samplers import ar, confidence, mdlm
-from smdlm_cli.core.samplers.common import positions, row_generators
+from smdlm_cli.core.samplers import ar, blockwise, confidence, mdlm
+from smdlm_cli.core.samplers.common import row_generators
+from smdlm_cli.core.samplers.feedback import Feedback
 from smdlm_cli.core.softmask import SoftMask
 
 SAMPLERS = ("mdlm", "remdm-cap", "remdm-loop", "confidence", "ar")
@@ -66,7 +69,7 @@ def validate_sampler_args(sampler: str, **kwargs) -> dict:
                                                  or not isinstance(value, (int, float))):
             raise UserError(f"sampler {sampler}: {key} = {value!r}, expected a number")
     if sampler == "confidence":
-        bad = confidence.check_options(options)
+        bad = confidence.check_options(options) + blockwise.check_options(options)
     elif sampler == "ar":
         bad = ar.check_options(options)
     else:
@@ -74,59 +77,6 @@ def validate_sampler_args(sampler: str, **kwargs) -> dict:
     if bad:
         raise UserError(f"sampler {sampler}: {bad[0]}")
     return options
-
-
-class _Feedback:
-    """SM input of the next forward: lambda, top-k ids and pi of each row's own last forward.
-
-    Computed right after a transition step, from that forward's log p, only at the positions masked
-    in the new x (the next forward's masks: skipped steps change nothing). That is the whole cost
-    of SM at inference: one pass over V per mask. On the CPU the rows go through SoftMask in chunks
-    of a few MB: the temporaries then come from the allocator's heap and stay in cache, where a
-    (masks, V) temporary would be a fresh mmap, page-faulted in at every step (several times slower).
-    """
-
-    CPU_CHUNK_BYTES = 8 << 20
-
-    def __init__(self, softmask: SoftMask, weight: Tensor, real: Tensor, n_start: Tensor,
-                 schedule: str, mask_id: int):
-        B, L = real.shape
-        self.softmask, self.weight, self.real, self.mask_id = softmask, weight, real, mask_id
-        self.n_start, self.schedule = n_start.clamp_min(1), schedule
-        # rows without a forward of their own yet get lam = 0, i.e. exactly E[x] (no feedback)
-        self.lam = torch.zeros(B, L, device=real.device)
-        self.top_idx = torch.zeros(B, L, softmask.k, dtype=torch.long, device=real.device)
-        self.pi = torch.zeros(B, L, softmask.k, device=real.device)
-
-    def update(self, logp: Tensor, x: Tensor, rows: Sequence[int], counts: Sequence[int]) -> None:
-        """Refresh rows `rows` from this forward's logp at the masks of x (counts[j] in rows[j]).
-
-        A position ReMDM just remasked gets the one-hot feedback of its carried-over token, as in
-        the official code. Entries of other positions go stale harmlessly: `embeds` multiplies
-        lambda by the current mask.
-        """
-        n, vocab = sum(counts), logp.shape[-1]
-        idx = positions((x == self.mask_id) & self.real, rows, counts)
-        flat = logp.reshape(-1, vocab)
-        chunk = n if logp.is_cuda else max(1, self.CPU_CHUNK_BYTES // (4 * vocab))
-        for start in range(0, n, chunk):
-            j = idx[start:start + chunk]
-            size = min(chunk, n - start)
-            lam, top_idx, pi = self.softmask.feedback(
-                flat[j], torch.ones(size, dtype=torch.bool, device=j.device), normalized=True)
-            self.lam.view(-1).index_copy_(0, j, lam)
-            self.top_idx.view(-1, self.softmask.k).index_copy_(0, j, top_idx)
-            self.pi.view(-1, self.softmask.k).index_copy_(0, j, pi)
-
-    def embeds(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(inputs_embeds, lam used (B, L), is_mask (B, L)) for the forward on x."""
-        is_mask = (x == self.mask_id) & self.real
-        lam = self.lam * is_mask
-        if self.schedule != "none":
-            t_dec = is_mask.sum(-1) / self.n_start  # share of the row's masks still to decode
-            factor = t_dec if self.schedule == "linear" else (t_dec > 0.5).to(t_dec.dtype)
-            lam = lam * factor[:, None]
-        return SoftMask.mix(x, lam, self.top_idx, self.pi, self.weight), lam, is_mask
 
 
 def _build(sampler: str, gen: Tensor, gen_host: Tensor, generators, steps: int, mask_id: int,
@@ -174,6 +124,20 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
         finally:
             model.train(was_training)
         return DecodeResult(tokens, nfe, nfe, 0, None)
+    if sampler == "confidence" and blockwise.wanted(options):
+        if trace or exact:
+            raise UserError("trace and exact apply to the planned loop; expected neither with a "
+                            "cache, threshold or factor")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                tokens, nfe = blockwise.decode(model, x, real, attention_mask is not None,
+                                               row_generators(generator_seeds, device), steps,
+                                               softmask, sm_schedule, options)
+        finally:
+            model.train(was_training)
+        return DecodeResult(tokens, nfe, steps, steps - nfe, None)
     model_mask = None if attention_mask is None else attention_mask.to(device)
     gen = (x == mask_id) & real
     gen_host = gen.cpu()  # host transfer: the positions to generate (counts, blocks)
@@ -190,7 +154,7 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
     fb_rows = [list(range(len(c))) if refresh_all else [b for b, ch in enumerate(c) if ch]
                for c in changes]
     fb_counts = [[left[i][b] for b in fb_rows[i]] for i in range(steps)]
-    fb = (_Feedback(softmask, weight, real, gen.sum(-1), sm_schedule, mask_id)
+    fb = (Feedback(softmask, weight, real, gen.sum(-1), sm_schedule, mask_id)
           if softmask is not None else None)
 
     def forward(x: Tensor, first: bool):

@@ -1,0 +1,77 @@
+"""SM feedback at inference: what each masked position carries into the next forward.
+
+Shared by the planned loop (loop.py) and block-wise decoding (blockwise.py). A forward may cover a
+window of columns [start, start + W) (the KV-cache windows); positions outside it keep what they had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from smdlm_cli.core.samplers.common import positions
+from smdlm_cli.core.softmask import SoftMask
+
+
+class Feedback:
+    """SM input of the next forward: lambda, top-k ids and pi of each row's own last forward.
+
+    Computed right after a transition step, from that forward's log p, only at masked positions:
+    that is the whole cost of SM at inference, one pass over V per mask. On the CPU the rows go
+    through SoftMask in chunks of a few MB: the temporaries then come from the allocator's heap and
+    stay in cache, where a (masks, V) temporary would be a fresh mmap, page-faulted in at every step
+    (several times slower).
+    """
+
+    CPU_CHUNK_BYTES = 8 << 20
+
+    def __init__(self, softmask: SoftMask, weight: Tensor, real: Tensor, n_start: Tensor,
+                 schedule: str, mask_id: int):
+        B, L = real.shape
+        self.softmask, self.weight, self.real, self.mask_id = softmask, weight, real, mask_id
+        self.n_start, self.schedule = n_start.clamp_min(1), schedule
+        # rows without a forward of their own yet get lam = 0, i.e. exactly E[x] (no feedback)
+        self.lam = torch.zeros(B, L, device=real.device)
+        self.top_idx = torch.zeros(B, L, softmask.k, dtype=torch.long, device=real.device)
+        self.pi = torch.zeros(B, L, softmask.k, device=real.device)
+
+    def update(self, logp: Tensor, x: Tensor, rows: Sequence[int], counts: Sequence[int],
+               start: int = 0) -> None:
+        """Refresh rows `rows` from a forward's logp (B, W, V) over the columns [start, start + W),
+        at the masks of x (the whole (B, L) state), counts[j] of them in that window of rows[j].
+
+        A position ReMDM just remasked gets the one-hot feedback of its carried-over token, as in
+        the official code. Entries of other positions go stale harmlessly: `embeds` multiplies
+        lambda by the current mask.
+        """
+        B, W, vocab = logp.shape
+        L = x.shape[1]
+        n = sum(counts)
+        window = ((x == self.mask_id) & self.real)[:, start:start + W]
+        idx = positions(window, rows, counts)                    # flat into (B, W)
+        store = idx + (idx // W) * (L - W) + start               # the same entries in (B, L)
+        flat = logp.reshape(-1, vocab)
+        chunk = n if logp.is_cuda else max(1, self.CPU_CHUNK_BYTES // (4 * vocab))
+        for first in range(0, n, chunk):
+            j, s = idx[first:first + chunk], store[first:first + chunk]
+            size = min(chunk, n - first)
+            lam, top_idx, pi = self.softmask.feedback(
+                flat[j], torch.ones(size, dtype=torch.bool, device=j.device), normalized=True)
+            self.lam.view(-1).index_copy_(0, s, lam)
+            self.top_idx.view(-1, self.softmask.k).index_copy_(0, s, top_idx)
+            self.pi.view(-1, self.softmask.k).index_copy_(0, s, pi)
+
+    def embeds(self, x: Tensor, start: int = 0, end: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs_embeds, lam used, is_mask) of the columns [start, end) for the forward on x."""
+        is_mask = (x == self.mask_id) & self.real
+        lam = self.lam * is_mask
+        if self.schedule != "none":
+            t_dec = is_mask.sum(-1) / self.n_start  # share of the row's masks still to decode
+            factor = t_dec if self.schedule == "linear" else (t_dec > 0.5).to(t_dec.dtype)
+            lam = lam * factor[:, None]
+        cols = slice(start, end)
+        lam, is_mask = lam[:, cols], is_mask[:, cols]
+        emb = SoftMask.mix(x[:, cols], lam, self.top_idx[:, cols], self.pi[:, cols], self.weight)
+        return emb, lam, is_mask

@@ -1,0 +1,189 @@
+"""Fine-tuning: SFT data, the SM paper's noise and loss, DoRA + SM runs on a tiny Dream checkpoint."""
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from dream_fixtures import write_chat_base
+from smdlm_cli.app import app
+from smdlm_cli.core import sft, trainer
+from smdlm_cli.core.config import DataConfig
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.io import load_tensors
+from smdlm_cli.core.models import load_model
+from smdlm_cli.core.tokenizer import load_tokenizer
+from smdlm_cli.recipe import load_recipe
+
+runner = CliRunner()
+ROWS = ([{"prompt": f"Write a function that returns {i}.", "response": f"def f():\n    return {i}\n"}
+         for i in range(30)]
+        + [{"messages": [{"role": "HUMAN", "content": f"Add {i} and 1."},
+                         {"role": "ASSISTANT", "content": f"The sum is {i + 1}."}]} for i in range(30)])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_chat_base(tmp_path_factory.mktemp("base") / "dream")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    f = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return f
+
+
+def test_examples_and_chat_tokenisation(base, data):
+    tok = load_tokenizer(str(base))
+    exs = list(sft.examples(DataConfig(source=str(data), valid_fraction=0.2), "train"))
+    valid = list(sft.examples(DataConfig(source=str(data), valid_fraction=0.2), "valid"))
+    assert len(exs) + len(valid) == 60 and 0 < len(valid) < 25
+    prompt, response = sft.messages(ROWS[30], "x")
+    assert prompt == [{"role": "user", "content": "Add 0 and 1."}] and response["role"] == "assistant"
+    ids, n_prompt = sft.tokenize(tok, prompt, response)
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert tok.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(ids[n_prompt:]) == "The sum is 1.<|im_end|>\n"
+    with pytest.raises(UserError, match="expected `messages` or `prompt` and `response`"):
+        sft.messages({"text": "x"}, "row 3")
+
+
+def test_collate_pads_to_multiples_of_8_and_never_marks_the_prompt():
+    items = [([5] * 11, 4), ([6] * 3, 2)]
+    for supervised in (True, False):
+        b = sft.collate(items, 0, supervised, 10, random.Random(0))
+        assert b.input_ids.shape[1] % 8 == 0 and b.input_ids.shape[1] >= 11
+        assert not b.maskable[0, :4].any() and b.maskable[0, 4:11].all()
+        assert not b.maskable[1, :2].any() and b.maskable[1, 2:3].all()
+        assert (b.input_ids[1, 3:] == 0).all()  # EOS padding
+        assert bool(b.maskable[1, 3:].all()) == supervised
+        assert (b.attention_mask is None) == supervised
+
+
+def test_sft_noise_and_loss_follow_the_paper():
+    g = torch.Generator().manual_seed(0)
+    items = [(list(range(10, 40)), 12), (list(range(10, 20)), 9)]
+    batch = sft.collate(items, 0, True, 0, random.Random(0))
+    for t in (0.2, 0.5, 0.8):
+        xt = trainer.sft_noised(batch, torch.tensor(t), 99, g)
+        is_mask = xt == 99
+        assert not (is_mask & ~batch.maskable).any()       # the prompt is never masked
+        assert is_mask.any(-1).all()                        # every row has a mask
+    big = sft.collate([(list(range(2000)), 10)], 0, True, 0, random.Random(0))
+    share = (trainer.sft_noised(big, torch.tensor(0.3), 99, g) == 99).float()[0, 10:].mean()
+    assert abs(share.item() - 0.3) < 0.05
+    logits = torch.randn(2, batch.input_ids.shape[1], 100)
+    xt = trainer.sft_noised(batch, torch.tensor(0.5), 99, g)
+    loss, _ = trainer.sft_loss(logits, batch.input_ids, xt, torch.tensor(0.5), 99)
+    sel = xt == 99
+    direct = F.cross_entropy(logits[..., :99][sel], batch.input_ids[sel]) / 0.5
+    torch.testing.assert_close(loss, direct)
+
+
+def _recipe(base, data, steps=4, extra=()):
+    return ["--set", f"model.init={base}", "--set", f"data.source={data}",
+            "--set", "data.valid_fraction=0.2", "--set", f"train.steps={steps}",
+            "--set", "train.batch_size=4", "--set", "train.eval_every=2", "--set", "train.save_every=2",
+            "--set", "train.eval_batches=2", "--set", "train.log_every=1", "--set", "finetune.max_length=160",
+            "--set", "finetune.pad_jitter=4", *extra]
+
+
+def finetune(out, base, data, *args):
+    return runner.invoke(app, ["finetune", "recipes/tiny-dream.toml", "--out", str(out),
+                               *_recipe(base, data), *args])
+
+
+def test_finetune_run_trains_adapters_and_omega_only(tmp_path, base, data):
+    result = finetune(tmp_path / "run", base, data, "--merge")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "softmask.json",
+                 "transparency_config.json", "base.json", "tokenizer/tokenizer.json", "recipe.toml",
+                 "metrics.jsonl", "state/latest", "config.json", "model.safetensors"):
+        assert (run / name).exists(), name
+    adapter = load_tensors(run / "adapter" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0
+    assert any("magnitude" in k for k in adapter)                                  # DoRA
+    state = load_tensors(next((run / "state").glob("step-*")) / "weights.safetensors")
+    assert all("lora" in k or "softmask" in k for k in state)  # the frozen base is never saved
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["r"] == 16
+    assert json.loads((run / "transparency_config.json").read_text())["mixinputs_k"] == 1
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "val_nll" in x] == [0, 2, 4]
+    # the base on disk is untouched; the run's adapted model differs from it
+    x = torch.randint(0, 290, (1, 12))
+    with torch.no_grad():
+        plain = load_model(str(base))(input_ids=x)
+        merged = load_model(str(run))(input_ids=x)                   # config.json: the --merge output
+        (run / "config.json").unlink()
+        adapted = load_model(str(run))(input_ids=x)                  # base.json + adapter/
+    assert not torch.allclose(plain, adapted)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_resume_equals_uninterrupted(tmp_path, base, data):
+    # a constant schedule: stopping at step 2 must not change the learning rates before it
+    flat = ["--set", "train.schedule=constant", "--set", "train.warmup=0"]
+    assert finetune(tmp_path / "full", base, data, *flat).exit_code == 0
+    short = runner.invoke(app, ["finetune", "recipes/tiny-dream.toml", "--out", str(tmp_path / "cut"),
+                                *_recipe(base, data, steps=2), *flat])
+    assert short.exit_code == 0, short.output
+    resumed = runner.invoke(app, ["finetune", str(tmp_path / "cut" / "recipe.toml"), "--out",
+                                  str(tmp_path / "cut"), "--resume", "--set", "train.steps=4"])
+    assert resumed.exit_code == 0, resumed.output
+    a = load_tensors(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_tensors(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "model.init="], "model.init is empty; expected the base model"),
+    (["--set", "finetune.target_modules=[\"qq_proj\"]"], "finetune.target_modules: 'qq_proj' is not"),
+    (["--set", "finetune.max_length=8"], "no train example fits finetune.max_length = 8"),
+])
+def test_finetune_bad_input_is_one_line(tmp_path, base, data, extra, message):
+    result = finetune(tmp_path / "bad", base, data, *extra)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert message in result.stderr
+    assert not (tmp_path / "bad").exists()  # nothing trained, nothing left behind
+
+
+def test_offline_dream_recipes_fail_fast(tmp_path):
+    for name in ("dream-coder-sm", "dream-coder-binary", "dream-sm"):
+        r = load_recipe(f"recipes/{name}.toml")
+        assert r.finetune.method == "dora" and r.train.lr == 1e-5
+        assert r.softmask.k == 1 or not r.softmask.enabled
+        result = runner.invoke(app, ["finetune", f"recipes/{name}.toml", "--out", str(tmp_path / name)])
+        assert result.exit_code == 2 and "Dream-org/" in result.stderr, result.output
+        assert not (tmp_path / name).exists()
+    assert not load_recipe("recipes/dream-coder-binary.toml").softmask.enabled
+
+
+def test_finetuned_run_samples_and_evaluates(tmp_path, base, data):
+    assert finetune(tmp_path / "run", base, data).exit_code == 0
+    out = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--nfe", "4", "--length", "24",
+                              "--num-samples", "2", "--sampler", "confidence", "--prompt", "Add 2 and 1.",
+                              "-o", "block_length=8", "--option", "cache=dual", "-o", "threshold=0.9",
+                              "--out", str(tmp_path / "s.jsonl")])
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["tokens"][:5] == rows[1]["tokens"][:5]  # the prompt stays
+    report = runner.invoke(app, ["evaluate", "humaneval", "--ckpt", str(tmp_path / "run"), "--format",
+                                 "instruct", "--limit", "2", "--max-new-tokens", "16", "--nfe", "4",
+                                 "--sampler", "confidence", "-o", "cache=prefix", "-o", "block_length=8",
+                                 "--json", "--out", str(tmp_path / "he.json")])
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["samples"] == 2
+    bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--sampler", "confidence",
+                              "-o", "cache=disk"])
+    assert bad.exit_code == 2 and "cache = 'disk', expected one of none, prefix, dual" in bad.stderr
+    bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "-o", "threshold"])
+    assert bad.exit_code == 2 and "--option threshold: expected KEY=VALUE" in bad.stderr

@@ -141,6 +141,8 @@ def sample(
                                                         "starts with (repeatable: rows cycle)")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="one prompt per "
                                                         "line")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap each prompt in the tokenizer's chat "
+                                       "template (instruct models)")] = False,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="nucleus mass")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     option: Annotated[Optional[list[str]], typer.Option(
@@ -169,7 +171,7 @@ def sample(
         ckpt=ckpt, nfe=nfe, k=k, sampler=sampler, num_samples=num_samples, batch_size=batch_size,
         length=length, prompts=prompts, top_p=top_p, temperature=temperature, seed=seed,
         sm_schedule=sm_schedule, exact=exact, device=device, out=out,
-        options=command.parse_options(option))
+        options=command.parse_options(option), chat=chat)
     _out().print(Text(str(command.run(settings, show_steps=show_steps))))
 
 

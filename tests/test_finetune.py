@@ -182,6 +182,12 @@ def test_finetuned_run_samples_and_evaluates(tmp_path, base, data):
                                  "--json", "--out", str(tmp_path / "he.json")])
     assert report.exit_code == 0, report.output
     assert json.loads(report.stdout)["samples"] == 2
+    chat = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--nfe", "8", "--length", "64",
+                               "--num-samples", "1", "--chat", "--prompt", "Add 2 and 1.",
+                               "--out", str(tmp_path / "c.jsonl")])
+    assert chat.exit_code == 0, chat.output
+    row = json.loads((tmp_path / "c.jsonl").read_text())
+    assert row["prompt"].endswith("<|im_start|>user\nAdd 2 and 1.<|im_end|>\n<|im_start|>assistant\n")
     bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--sampler", "confidence",
                               "-o", "cache=disk"])
     assert bad.exit_code == 2 and "cache = 'disk', expected one of none, prefix, dual" in bad.stderr

@@ -22,6 +22,9 @@ ROOT = Path(__file__).parents[1]
 SMALL = ["data.max_docs=40", "data.vocab_size=400", "model.length=64", "train.steps=6",
          "train.batch_size=4", "train.eval_every=3", "train.eval_batches=1", "train.save_every=3",
          "train.log_every=1", "train.warmup=2"]
+FT_SMALL = ["data.max_docs=80", "train.steps=4", "train.batch_size=4", "train.eval_every=2",
+            "train.eval_batches=1", "train.save_every=2", "train.log_every=1", "train.warmup=1",
+            "finetune.max_length=192"]
 
 
 def readme_commands() -> list[str]:
@@ -38,6 +41,8 @@ def shrink(command: str) -> list[str]:
         extra = ["--set", "train.steps=8"]  # a resumed run may only lengthen
     elif "pretrain" in argv and "quickstart" in command:  # OWT recipes run as printed: offline they stop at once
         extra = [a for kv in SMALL for a in ("--set", kv)]
+    elif "finetune" in argv and "tiny-dream" in command:  # the 7B recipes too
+        extra = [a for kv in FT_SMALL for a in ("--set", kv)]
     elif argv[1:3] in (["evaluate", "genppl"], ["evaluate", "sweep"]):
         extra = ["--num-samples", "8"]  # click keeps the last value of a repeated option
     if argv[0] == "smdlm":
@@ -153,6 +158,38 @@ def humaneval_rescored(result, cwd):
     assert report["pass@1"] == json.loads((cwd / "reports" / "humaneval.json").read_text())["pass@1"]
 
 
+def finetuned(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = cwd / "runs" / "tiny-dream"
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "softmask.json",
+                 "transparency_config.json", "base.json", "tokenizer/tokenizer.json", "state/latest"):
+        assert (run_dir / name).exists(), name
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "val_nll" in x] == [0, 2, 4]
+    assert "dora r=16" in result.stderr
+
+
+def dream_sampled(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = cwd / result.stdout.strip().splitlines()[-1]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(1 <= r["nfe"] <= 64 for r in rows)
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["settings"]["options"] == {"block_length": 32, "cache": "dual", "threshold": 0.9}
+
+
+def dream_evaluated(result, cwd):
+    _, report = _report(result, cwd, "humaneval")
+    assert report["tasks"] == 3 and report["settings"]["code"]["format"] == "instruct"
+    assert report["settings"]["sampling"]["options"] == {"cache": "prefix", "block_length": 32}
+
+
+def dream_offline(result, cwd):
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Dream-org/" in result.stderr
+    assert not (cwd / "runs" / "dream-coder-sm").exists()
+
+
 def longer(result, cwd):
     assert result.returncode == 0, result.stderr[-2000:]
     recipe = (cwd / "runs" / "longer" / "recipe.toml").read_text()
@@ -189,6 +226,10 @@ EXERCISED = {
     "smdlm evaluate sweep --ckpt runs/quickstart --ckpt runs/quickstart-ar --nfe 8,16,32 --metrics genppl,entropy,mauve,elbo --scorer runs/quickstart-ar --out reports/sweep": swept,
     "smdlm evaluate humaneval --ckpt runs/quickstart --limit 5 --out reports/humaneval.json": humaneval_run,
     "smdlm evaluate humaneval --samples reports/humaneval.samples.jsonl --limit 5": humaneval_rescored,
+    "smdlm finetune recipes/tiny-dream.toml": finetuned,
+    "smdlm sample --ckpt runs/tiny-dream --sampler confidence --nfe 64 --length 128 -o block_length=32 -o cache=dual -o threshold=0.9": dream_sampled,
+    "smdlm evaluate humaneval --ckpt runs/tiny-dream --format instruct --limit 3 --max-new-tokens 64 --sampler confidence -o cache=prefix -o block_length=32": dream_evaluated,
+    "smdlm finetune recipes/dream-coder-sm.toml": dream_offline,
     "smdlm pretrain recipes/quickstart.toml --out runs/longer --set train.steps=1000 --set softmask.prob=0.5": longer,
     "smdlm pretrain runs/longer/recipe.toml --out runs/longer --resume": resumed,
     "smdlm pretrain recipes/owt.toml": owt_offline,

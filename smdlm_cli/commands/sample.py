@@ -26,7 +26,7 @@ from smdlm_cli.core.io import atomic_write_json, atomic_write_text
 from smdlm_cli.core.models import load_model
 from smdlm_cli.core.samplers import decode, validate_sampler_args
 from smdlm_cli.core.softmask import SoftMask
-from smdlm_cli.core.tokenizer import load_tokenizer
+from smdlm_cli.core.tokenizer import chat_prompt, load_tokenizer
 from smdlm_cli.evals.report import checkpoint_info, versions
 
 console = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -50,6 +50,7 @@ class SampleSettings:
     device: str = "auto"
     out: str | None = None
     options: dict = field(default_factory=dict)  # further sampler options (--option KEY=VALUE)
+    chat: bool = False              # prompts go through the tokenizer's chat template
 
 
 def parse_options(pairs: list[str] | None) -> dict:
@@ -173,7 +174,10 @@ def generate(s: SampleSettings, trace: bool = False, loaded: tuple | None = None
     softmask = choose_softmask(softmask, s.k, run_dir)
     if softmask is not None:
         softmask = softmask.to(device)
-    x, prompts = build_inputs(tok, s.prompts, s.num_samples, length, model.mask_id,
+    texts = s.prompts
+    if s.chat:  # an instruct model: each prompt as the user turn, the assistant's turn open
+        texts = [chat_prompt(tok, [{"role": "user", "content": p}], "--chat") for p in s.prompts or [""]]
+    x, prompts = build_inputs(tok, texts, s.num_samples, length, model.mask_id,
                               bos=getattr(model, "wants_bos", True))
     records, first_trace, total = [], None, 0.0
     for start in range(0, s.num_samples, s.batch_size):

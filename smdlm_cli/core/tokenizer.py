@@ -12,6 +12,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from smdlm_cli.core.errors import UserError
 
@@ -21,12 +22,18 @@ MASK = "[MASK]"
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """A local tokenizer directory or a hub name (from the local cache when offline)."""
+    # A Dream directory's config.json names a model type transformers does not know, which it
+    # warns about while looking for the tokenizer class; the tokenizer never needs that config.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # offline, unknown name, broken files: all mean "not usable here"
         raise UserError(f"tokenizer {name_or_path!r}: not found locally and the hub is unreachable "
                         f"(offline?) ({type(e).__name__}); expected a local tokenizer directory or "
                         f"a cached hub name") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tok.mask_token is None:
         tok.add_special_tokens({"mask_token": MASK})
     if tok.bos_token is None or tok.eos_token is None:
@@ -58,3 +65,11 @@ def mask_token_id(tok) -> int:
 def vocab_size(tok) -> int:
     """Ids the model needs: the base vocabulary plus added tokens such as [MASK]."""
     return len(tok)
+
+
+def chat_prompt(tok, messages: list[dict], flag: str) -> str:
+    """The chat template with an open assistant turn; a one-line error naming `flag` without one."""
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"{flag}: the tokenizer has no chat template; expected an instruct model's "
+                        f"tokenizer")
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.tokenizer import chat_prompt
 from smdlm_cli.evals.code import Problem, cut
 from smdlm_cli.evals.sanitize import sanitize
 
@@ -76,10 +77,7 @@ def prompt_text(problem: Problem, fmt: str, tok) -> str:
 
 def chat(tok, messages: list[dict]) -> str:
     """The chat template with an open assistant turn; a one-line error when there is none."""
-    if not getattr(tok, "chat_template", None):
-        raise UserError("--format instruct: the tokenizer has no chat template; expected an "
-                        "instruct model's tokenizer, or --format base")
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return chat_prompt(tok, messages, "--format instruct (or --format base)")
 
 
 def postprocess(problem: Problem, generated: str, fmt: str) -> dict:

@@ -78,18 +78,21 @@ def _root(
     """Soft-Masked diffusion language models: pretrain, fine-tune, sample, evaluate, inspect."""
 
 
+# The options pretrain and finetune share.
+RunOut = Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="run directory to "
+                                                "write; default: one under ./runs")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue the run in the run directory "
+                                      "from its last saved state")]
+SetKV = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="override "
+                                                    "a recipe key, e.g. train.steps=100 "
+                                                    "(repeatable)")]
+
+
 @app.command()
 def pretrain(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", show_default=False,
                                            help="TOML recipe file (see recipes/)")],
-    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR",
-                                                help="run directory to write; default: one "
-                                                     "under ./runs")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in the run directory "
-                                                          "from its last saved state")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
-                                                      help="override a recipe key, e.g. "
-                                                           "train.steps=100 (repeatable)")] = None,
+    out: RunOut = None, resume: Resume = False, set_: SetKV = None,
 ) -> None:
     """Train an MDLM from scratch or continue one, binary or soft-masked."""
     loaded = load_recipe(recipe, set_ or [])
@@ -104,16 +107,10 @@ def pretrain(
 def finetune(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", show_default=False,
                                            help="TOML recipe file (see recipes/dream-*.toml)")],
-    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR",
-                                                help="run directory to write; default: one "
-                                                     "under ./runs")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in the run directory "
-                                                          "from its last saved state")] = False,
+    out: RunOut = None, resume: Resume = False,
     merge: Annotated[bool, typer.Option("--merge", help="also write the merged model "
                                                         "(config.json + model.safetensors)")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE",
-                                                      help="override a recipe key, e.g. "
-                                                           "train.steps=100 (repeatable)")] = None,
+    set_: SetKV = None,
 ) -> None:
     """DoRA/LoRA fine-tune a large MDLM (Dream-7B, Dream-Coder-7B) with soft-masking."""
     loaded = load_recipe(recipe, set_ or [])

@@ -123,6 +123,7 @@ def test_finetune_run_trains_adapters_and_omega_only(tmp_path, base, data):
         merged = load_model(str(run))(input_ids=x)                   # config.json: the --merge output
         (run / "config.json").unlink()
         adapted = load_model(str(run))(input_ids=x)                  # base.json + adapter/
+    assert json.loads((run / "base.json").read_text())["path"] == str(base.resolve())
     assert not torch.allclose(plain, adapted)
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
 

@@ -167,6 +167,8 @@ def finetuned(result, cwd):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "val_nll" in x] == [0, 2, 4]
     assert "dora r=16" in result.stderr
+    # the base the run built lives inside it: named relative to the run, so the run moves whole
+    assert json.loads((run_dir / "base.json").read_text()) == {"path": "base"}
 
 
 def dream_sampled(result, cwd):

@@ -48,6 +48,19 @@ def _base(recipe: Recipe, run_dir: Path, main: bool) -> str:
     return str(base)
 
 
+def _portable(base: str, run_dir: Path) -> str:
+    """base.json's path: relative to the run for a base inside it (tiny-dream), absolute for other
+    directories, a hub name as is; so the run loads from any working directory and moves whole."""
+    path = Path(base)
+    if not path.is_dir():
+        return base
+    path = path.resolve()
+    try:
+        return str(path.relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _wrap(model, recipe: Recipe):
     """Freeze the base and add the adapters."""
     from peft import LoraConfig, get_peft_model
@@ -130,7 +143,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):
             softmask = checkpoint.load_softmask(run_dir) or softmask
     if ctx.main:
         tok.save_pretrained(run_dir / "tokenizer")
-        atomic_write_json(run_dir / "base.json", {"path": base})
+        atomic_write_json(run_dir / "base.json", {"path": _portable(base, run_dir)})
     f, t = recipe.finetune, recipe.train
     train_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "train")
     valid_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "valid")

@@ -156,7 +156,8 @@ def _load_adapted(run_dir: Path, device, dtype) -> nn.Module:
     except (OSError, json.JSONDecodeError, KeyError):
         raise UserError(f"{run_dir}: has adapter/ but no readable base.json naming its base model; "
                         f"expected a run directory written by smdlm finetune") from None
-    model = load_model(base, device=device, dtype=dtype)
+    inside = run_dir / base  # a base the run holds is named relative to the run
+    model = load_model(str(inside) if inside.is_dir() else base, device=device, dtype=dtype)
     return PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
 
 

@@ -172,20 +172,26 @@ Scorer = Annotated[str, typer.Option("--scorer", help="causal LM: an HF name or 
                                      "smdlm AR run (offline)")]
 
 
+def _unconditional(ckpt, nfe, k, sampler, num_samples, batch_size, length, top_p, temperature,
+                   option, seed, sm_schedule, exact, device):
+    """The sampling settings of genppl and mauve: unconditional samples, 128 steps by default."""
+    return _sampling(ckpt=ckpt, nfe=nfe or 128, k=k, sampler=sampler, num_samples=num_samples,
+                     batch_size=batch_size, length=length, top_p=top_p, temperature=temperature,
+                     option=option, seed=seed, sm_schedule=sm_schedule, exact=exact, device=device)
+
+
 @evaluate_app.command()
 def genppl(ckpt: Ckpt = None, samples: Samples = None, scorer: Scorer = "gpt2-large",
            num_samples: NumSamples = 64, length: Length = None, nfe: Nfe = None, k: SmK = None,
            sampler: Sampler = None, top_p: TopP = None, temperature: Temperature = None,
            option: Options = None, seed: Seed = 0, batch_size: BatchSize = 16,
-           sm_schedule: SmSchedule = "none",
-           exact: Exact = False, device: Device = "auto", out: Out = None,
-           as_json: AsJson = False) -> None:
+           sm_schedule: SmSchedule = "none", exact: Exact = False, device: Device = "auto",
+           out: Out = None, as_json: AsJson = False) -> None:
     """Generative perplexity of unconditional samples under a causal LM, and their entropy."""
     from smdlm_cli.commands import evaluate as command
 
-    s = _sampling(ckpt=ckpt, nfe=nfe or 128, k=k, sampler=sampler, num_samples=num_samples,
-                  batch_size=batch_size, length=length, top_p=top_p, temperature=temperature,
-                  option=option, seed=seed, sm_schedule=sm_schedule, exact=exact, device=device)
+    s = _unconditional(ckpt, nfe, k, sampler, num_samples, batch_size, length, top_p, temperature,
+                       option, seed, sm_schedule, exact, device)
     report, path = command.genppl(s, samples, scorer, batch_size, out)
     entropy = f", entropy {report['entropy']:.3f} nats" if "entropy" in report else ""
     _emit(report, path, as_json, [f"genppl: {report['gen_ppl']:.2f} under {scorer} "
@@ -205,15 +211,13 @@ def mauve(ckpt: Ckpt = None, samples: Samples = None,
           num_samples: NumSamples = 64, length: Length = None, nfe: Nfe = None, k: SmK = None,
           sampler: Sampler = None, top_p: TopP = None, temperature: Temperature = None,
           option: Options = None, seed: Seed = 0, batch_size: BatchSize = 16,
-          sm_schedule: SmSchedule = "none",
-          exact: Exact = False, device: Device = "auto", out: Out = None,
-          as_json: AsJson = False) -> None:
+          sm_schedule: SmSchedule = "none", exact: Exact = False, device: Device = "auto",
+          out: Out = None, as_json: AsJson = False) -> None:
     """MAUVE of unconditional samples against reference text (mauve-text on our features)."""
     from smdlm_cli.commands import evaluate as command
 
-    s = _sampling(ckpt=ckpt, nfe=nfe or 128, k=k, sampler=sampler, num_samples=num_samples,
-                  batch_size=batch_size, length=length, top_p=top_p, temperature=temperature,
-                  option=option, seed=seed, sm_schedule=sm_schedule, exact=exact, device=device)
+    s = _unconditional(ckpt, nfe, k, sampler, num_samples, batch_size, length, top_p, temperature,
+                       option, seed, sm_schedule, exact, device)
     report, path = command.mauve(s, samples, featurizer, refs, num_refs, batch_size, out)
     _emit(report, path, as_json, [f"mauve: {report['mauve']:.4f} ({report['references']} "
                                   f"references, featurizer {featurizer})"])

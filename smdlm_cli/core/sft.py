@@ -185,11 +185,14 @@ class SFTLoader:
         self.pad_id, self.pad_supervised, self.jitter = pad_id, pad_supervised, jitter
         self.rank, self.world = rank, world
         self.epoch, self.pos = 0, 0
+        self._shuffled = (None, [])  # (epoch, order): shuffled once per epoch, not per batch
 
     def _order(self) -> list[int]:
-        order = list(range(len(self.items)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
+        if self._shuffled[0] != self.epoch:
+            order = list(range(len(self.items)))
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            self._shuffled = (self.epoch, order)
+        return self._shuffled[1]
 
     def next_batch(self) -> SFTBatch:
         span = self.batch_size * self.world

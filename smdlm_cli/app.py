@@ -203,6 +203,28 @@ def inspect_lambda(
         command.show(info, path, _out())
 
 
+@app.command("reproduce")
+def reproduce(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="recipes/repro/cpu or "
+                                              "recipes/repro/gpu: five training recipes and "
+                                              "reproduce.toml")],
+    stage: Annotated[Optional[list[str]], typer.Option("--stage", help="run only this stage "
+                     "(repeatable): base, ar, binary, sm-iso-update, sm-iso-compute, "
+                     "lambda, cache, sweep-<sampler>, report")] = None,
+    runs: Annotated[Optional[str], typer.Option("--runs", metavar="DIR", help="outputs; default "
+                                                "reproduce.runs")] = None,
+    report: Annotated[Optional[str], typer.Option("--report", metavar="FILE", help="Markdown "
+                                                  "report; default reproduce.report")] = None,
+    smoke: Annotated[bool, typer.Option("--smoke", help="a few steps and samples: checks the whole "
+                                        "chain in minutes (numbers meaningless)")] = False,
+) -> None:
+    """The paper's main experiment at small scale: train, evaluate, write the report; resumable."""
+    from smdlm_cli.commands import reproduce as command
+
+    path = command.run(directory, stage, runs, report, smoke)
+    _out().print(f"report written to {path}")
+
+
 app.add_typer(evaluate_app, name="evaluate")
 
 

@@ -180,9 +180,22 @@ def _unknown(what: str, name: str, known: Iterable[str]) -> str:
     return msg
 
 
-def _check(source: str, name: str, key: str, value: Any) -> Any:
+def load_table(path: str | Path, name: str, cls):
+    """A TOML file holding the one table [name], checked against the dataclass `cls` like a recipe
+    table (types, ranges, unknown keys); keys it leaves out take their defaults."""
+    origin = str(path)
+    data = _read_toml(Path(path))
+    extra = [key for key in data if key != name]
+    if extra or not isinstance(data.get(name, {}), dict):
+        raise UserError(f"{origin}: unexpected {extra[0] if extra else name + ' value'}; expected "
+                        f"only the table [{name}]")
+    return cls(**{key: _check(origin, name, key, value, cls)
+                  for key, value in data.get(name, {}).items()})
+
+
+def _check(source: str, name: str, key: str, value: Any, cls=None) -> Any:
     """One value against the type and range of its field; returns it converted (int -> float)."""
-    known = _fields(SECTIONS[name])
+    known = _fields(cls or SECTIONS[name])
     if key not in known:
         raise UserError(f"{source}: {_unknown('key', f'{name}.{key}', known)}")
     f = known[key]

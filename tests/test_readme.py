@@ -43,6 +43,8 @@ def shrink(command: str) -> list[str]:
         extra = [a for kv in SMALL for a in ("--set", kv)]
     elif "finetune" in argv and "tiny-dream" in command:  # the 7B recipes too
         extra = [a for kv in FT_SMALL for a in ("--set", kv)]
+    elif argv[1] == "reproduce":
+        extra = ["--smoke"]  # the whole chain, at a size that takes two minutes
     elif argv[1:3] in (["evaluate", "genppl"], ["evaluate", "sweep"]):
         extra = ["--num-samples", "8"]  # click keeps the last value of a repeated option
     if argv[0] == "smdlm":
@@ -158,6 +160,15 @@ def humaneval_rescored(result, cwd):
     assert report["pass@1"] == json.loads((cwd / "reports" / "humaneval.json").read_text())["pass@1"]
 
 
+def reproduced(result, cwd):
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = json.loads((cwd / "runs" / "repro-cpu" / "stages.json").read_text())["stages"]
+    assert "cache" in stages and "sweep-remdm-cap" in stages
+    text = (cwd / "docs" / "results.md").read_text()
+    assert "## Main table" in text and "**Smoke run**" in text
+    assert (cwd / "docs" / "figures" / "results-mdlm.png").is_file()
+
+
 def finetuned(result, cwd):
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = cwd / "runs" / "tiny-dream"
@@ -228,6 +239,7 @@ EXERCISED = {
     "smdlm evaluate sweep --ckpt runs/quickstart --ckpt runs/quickstart-ar --nfe 8,16,32 --metrics genppl,entropy,mauve,elbo --scorer runs/quickstart-ar --out reports/sweep": swept,
     "smdlm evaluate humaneval --ckpt runs/quickstart --limit 5 --out reports/humaneval.json": humaneval_run,
     "smdlm evaluate humaneval --samples reports/humaneval.samples.jsonl --limit 5": humaneval_rescored,
+    "smdlm reproduce recipes/repro/cpu": reproduced,
     "smdlm finetune recipes/tiny-dream.toml": finetuned,
     "smdlm sample --ckpt runs/tiny-dream --sampler confidence --nfe 64 --length 128 -o block_length=32 -o cache=dual -o threshold=0.9": dream_sampled,
     "smdlm evaluate humaneval --ckpt runs/tiny-dream --format instruct --limit 3 --max-new-tokens 64 --sampler confidence -o cache=prefix -o block_length=32": dream_evaluated,

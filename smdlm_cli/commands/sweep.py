@@ -30,7 +30,7 @@ from smdlm_cli.commands import evaluate, sample
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json, atomic_write_text, read_json
 from smdlm_cli.evals import elbo as elbo_eval, genppl as genppl_eval, mauve as mauve_eval
-from smdlm_cli.evals.report import checkpoint_info, new_report, progress, timed
+from smdlm_cli.evals.report import checkpoint_info, new_report, progress, save_figure, timed
 from smdlm_cli.evals.scorer import load_scorer
 
 METRICS = ("genppl", "entropy", "mauve", "elbo")
@@ -197,7 +197,7 @@ def run(w: SweepSettings) -> tuple[dict, Path]:
     return report, out
 
 
-def _fmt(value: float | None, se: float | None) -> str:
+def fmt(value: float | None, se: float | None) -> str:
     if value is None:
         return "–"
     digits = 2 if abs(value) >= 10 else 3
@@ -223,11 +223,11 @@ def markdown(report: dict) -> str:
                   "|---|" + "---|" * len(nfes)]
         for r in report["rows"]:
             if r["decoding"] == "AR":
-                cells = [_fmt(r["cells"][0][m], r["cells"][0][f"{m}_se"])] * len(nfes)
+                cells = [fmt(r["cells"][0][m], r["cells"][0][f"{m}_se"])] * len(nfes)
                 label = f"{r['label']} (NFE {r['cells'][0]['nfe']})"
             else:
                 by_nfe = {c["nfe"]: c for c in r["cells"]}
-                cells = [_fmt(by_nfe[n][m], by_nfe[n][f"{m}_se"]) if n in by_nfe else "–"
+                cells = [fmt(by_nfe[n][m], by_nfe[n][f"{m}_se"]) if n in by_nfe else "–"
                          for n in nfes]
                 label = r["label"]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -262,11 +262,7 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def summary(report: dict) -> str:

@@ -126,6 +126,23 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "softmask": SoftMaskConfig
 
 
 @dataclass
+class ReproduceConfig:
+    """[reproduce] of DIR/reproduce.toml: how `smdlm reproduce DIR` evaluates the runs it trains."""
+    runs: str = opt("runs/repro", "directory of the trained runs and every evaluation output")
+    report: str = opt("docs/results.md", "the Markdown report; its figures go to figures/ beside it")
+    samplers: list[str] = opt(["mdlm", "remdm-cap"], "samplers of the main sweep, one sweep each")
+    num_samples: int = opt(32, "unconditional samples per cell (and MAUVE references)", lo=2)
+    seeds: int = opt(3, "sampling seeds per cell: mean and standard error", lo=1)
+    batch_size: int = opt(32, "rows decoded or scored together", lo=1)
+    cache_block: int = opt(32, "block length of the SM x caching study", lo=1)
+    threshold: float = opt(0.9, "confidence threshold of the SM x caching study's parallel rows",
+                           lo=0.0, hi=1.0, lo_open=True)
+    temperature: float = opt(1.0, "sampling temperature of the caching study (0 = argmax, which "
+                                  "makes every unconditional sample the same)", lo=0.0)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+
+
+@dataclass
 class Recipe:
     """A whole recipe: one dataclass per TOML table."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,0 +1,176 @@
+"""`smdlm reproduce`: the chain runs end to end (smoke size), resumes, and its report is computed
+from the run outputs; the cpu and gpu directories load and validate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smdlm_cli.commands import reproduce, results, sweep
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.io import atomic_write_json, read_json
+
+ROOT = Path(__file__).parents[1]
+CPU = ROOT / "recipes" / "repro" / "cpu"
+GPU = ROOT / "recipes" / "repro" / "gpu"
+
+
+def smdlm(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smdlm_cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    d = tmp_path_factory.mktemp("repro")
+    result = smdlm("reproduce", CPU, "--smoke", "--runs", "runs", "--report", "docs/results.md",
+                   cwd=d)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return d
+
+
+def test_every_stage_ran_once_and_is_recorded(chain):
+    record = read_json(chain / "runs" / "stages.json")
+    plan = reproduce.load_plan(CPU, str(chain / "runs"), smoke=True)
+    assert sorted(record["stages"]) == sorted(plan.stages[:-1])  # all but the report
+    assert record["smoke"] is True and record["machine"]["cpus"] >= 1
+    assert len(record["stages"]["cache"]["commands"]) == 4
+    assert all(c.startswith("smdlm ") for s in record["stages"].values() for c in s["commands"])
+    for name in reproduce.TRAIN:
+        assert (chain / "runs" / name / "model.safetensors").is_file()
+    for png in ("results-mdlm.png", "results-remdm-cap.png", "results-lambda.png"):
+        assert (chain / "docs" / "figures" / png).stat().st_size > 1000
+
+
+def test_continuations_start_from_the_base_on_equal_data(chain):
+    plan = reproduce.load_plan(CPU, str(chain / "runs"), smoke=True)
+    s = {n: results.training_summary(plan, n) for n in reproduce.CONTINUATIONS}
+    for name in reproduce.CONTINUATIONS:
+        assert s[name]["recipe"].model.init == "runs/base"  # the --runs given, relative
+        # the same initial weights and validation batches: the step-0 ELBO is the same number
+        assert s[name]["first_val"] == s["binary"]["first_val"]
+    assert s["binary"]["sm_steps"] == 0
+    assert s["sm-iso-update"]["steps"] == s["binary"]["steps"]
+    assert s["sm-iso-compute"]["forwards"] == s["binary"]["forwards"]   # iso-compute
+    assert s["sm-iso-compute"]["steps"] < s["binary"]["steps"]
+    assert s["sm-iso-update"]["forwards"] == s["binary"]["steps"] + s["sm-iso-update"]["sm_steps"]
+    ar = json.loads((chain / "runs" / "ar" / "tokenizer" / "tokenizer.json").read_text())
+    base = json.loads((chain / "runs" / "base" / "tokenizer" / "tokenizer.json").read_text())
+    assert ar["model"]["vocab"] == base["model"]["vocab"]  # one tokenizer for scorer and models
+
+
+def _table_row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")[1:]]
+
+
+def test_main_table_is_read_from_the_sweep(chain):
+    text = (chain / "docs" / "results.md").read_text()
+    report = read_json(chain / "runs" / "sweep-mdlm" / "sweep.json")
+    row = next(r for r in report["rows"] if r["decoding"] == "SM"
+               and Path(r["run"]).name == "sm-iso-update")
+    full, low = row["cells"][-1], row["cells"][0]
+    assert full["nfe"] == 32 and low["nfe"] == 2  # L and L/16 of the smoke length 32
+    assert _table_row(text, "mdlm: sm-iso-update · SM") == [
+        sweep.fmt(full["mauve"], full["mauve_se"]), sweep.fmt(full["genppl"], full["genppl_se"]),
+        sweep.fmt(full["entropy"], full["entropy_se"]), sweep.fmt(low["mauve"], low["mauve_se"]),
+        sweep.fmt(low["genppl"], low["genppl_se"])]
+    assert "**Smoke run**" in text
+    assert "smdlm evaluate sweep --ckpt" in text and "smdlm pretrain" in text  # the commands
+
+
+def test_report_follows_the_outputs_and_nothing_reruns(chain, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(chain / "runs", runs)
+    file = runs / "sweep-mdlm" / "sweep.json"
+    report = read_json(file)
+    row = next(r for r in report["rows"] if r["decoding"] == "binary"
+               and Path(r["run"]).name == "binary")
+    row["cells"][-1].update(genppl=1234.5, genppl_se=0.25)
+    atomic_write_json(file, report)
+    result = smdlm("reproduce", CPU, "--smoke", "--runs", runs, "--report", tmp_path / "r.md",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("done earlier") == 9 and "smdlm pretrain" not in result.stderr
+    text = (tmp_path / "r.md").read_text()
+    assert _table_row(text, "mdlm: binary · binary")[1] == sweep.fmt(1234.5, 0.25)
+    # the comparison against that row follows too: SM decoding is now far better at full NFE
+    sm = next(r for r in report["rows"] if r["decoding"] == "SM"
+              and Path(r["run"]).name == "sm-iso-update")["cells"][-1]
+    expected = sweep.fmt(sm["genppl"] - 1234.5, (sm["genppl_se"] ** 2 + 0.25 ** 2) ** 0.5)
+    gen_ppl = text.split("**mdlm, gen-PPL**")[1]
+    assert _table_row(gen_ppl, "SM iso-update (SM decoding) vs binary")[-1] == f"{expected} better"
+
+
+def test_a_missing_stage_is_reported_as_missing(chain, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(chain / "runs", runs)
+    shutil.rmtree(runs / "cache")
+    record = read_json(runs / "stages.json")
+    del record["stages"]["cache"]
+    atomic_write_json(runs / "stages.json", record)
+    plan = reproduce.load_plan(CPU, str(runs), str(tmp_path / "r.md"), smoke=True)
+    text = results.write(plan, record).read_text()
+    assert "*stage `cache` not run yet*" in text and "Stages finished: 8 of 9" in text
+
+
+def test_training_restarts_a_run_killed_before_its_first_save(tmp_path):
+    plan = reproduce.load_plan(CPU, str(tmp_path / "runs"), smoke=True)
+    out = tmp_path / "runs" / "binary"
+    out.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    argv = reproduce.commands(plan, "binary")[0]
+    assert reproduce._prepare_training(plan, "binary", argv) == argv and not out.exists()
+
+
+def test_cpu_and_gpu_directories_load():
+    cpu, gpu = reproduce.load_plan(CPU), reproduce.load_plan(GPU)
+    assert cpu.nfe == [8, 16, 32, 64, 128] and gpu.nfe == [16, 32, 64, 128, 256]
+    assert cpu.cfg.runs == "runs/repro-cpu" and gpu.cfg.device == "cuda"
+    for plan in (cpu, gpu):
+        r = plan.recipes
+        assert r["sm-iso-compute"].train.max_forward_passes == r["binary"].train.steps
+        assert r["sm-iso-update"].train.steps == r["binary"].train.steps
+        assert r["base"].data.tokenizer == "bpe" and r["ar"].model.causal
+        assert r["ar"].data.tokenizer == f"{plan.cfg.runs}/base/tokenizer"
+        for name in reproduce.CONTINUATIONS:
+            assert r[name].model.init == f"{plan.cfg.runs}/base"
+        # every command of the chain can be built before anything ran
+        for stage in plan.stages[:-1]:
+            assert reproduce.commands(plan, stage)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("binary.toml", "seed = 2", "seed = 3"), "must equal binary.toml's"),
+    (("base.toml", "enabled = false", "enabled = true"), "expected a binary MDLM"),
+    (("reproduce.toml", "seeds = 3", "seedz = 3"), "unknown key reproduce.seedz"),
+    (("reproduce.toml", 'samplers = ["mdlm", "remdm-cap"]', 'samplers = ["confidence"]'),
+     "expected a non-empty list of unconditional samplers"),
+    (("reproduce.toml", "cache_block = 32", "cache_block = 48"), "splits evenly"),
+])
+def test_bad_directories_are_one_line_errors(tmp_path, edit, message):
+    d = tmp_path / "cpu"
+    shutil.copytree(CPU, d)
+    name, old, new = edit
+    text = (d / name).read_text()
+    assert old in text
+    (d / name).write_text(text.replace(old, new))
+    with pytest.raises(UserError, match=message):
+        reproduce.load_plan(d)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere"], "nowhere: no such directory"),
+    ([CPU, "--stage", "bogus"], "--stage bogus: unknown stage"),
+    ([CPU, "--stage", "sweep-mdlm"], "needs the outputs of stage base, ar, binary"),
+])
+def test_bad_command_lines_exit_2_with_one_line(tmp_path, args, message):
+    result = smdlm("reproduce", *args, "--runs", tmp_path / "runs", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "stages.json").exists()

@@ -222,7 +222,8 @@ def reproduce(
     from smdlm_cli.commands import reproduce as command
 
     path = command.run(directory, stage, runs, report, smoke)
-    _out().print(f"report written to {path}")
+    _out().print(f"report written to {path}" if path else "done (add --stage report to rewrite "
+                 "the report)")
 
 
 app.add_typer(evaluate_app, name="evaluate")

@@ -81,6 +81,7 @@ def test_main_table_is_read_from_the_sweep(chain):
         sweep.fmt(full["entropy"], full["entropy_se"]), sweep.fmt(low["mauve"], low["mauve_se"]),
         sweep.fmt(low["genppl"], low["genppl_se"])]
     assert "**Smoke run**" in text
+    assert "Largest difference between the weights of sm-iso-update" in text
     assert "smdlm evaluate sweep --ckpt" in text and "smdlm pretrain" in text  # the commands
 
 

@@ -250,8 +250,9 @@ def run_stage(plan: Plan, stage: str) -> list[str]:
 
 
 def run(directory: str | Path, stages: list[str] | None = None, runs: str | None = None,
-        report: str | None = None, smoke: bool = False) -> Path:
-    """Run the chain (or the named stages, in chain order); returns the report's path."""
+        report: str | None = None, smoke: bool = False) -> Path | None:
+    """Run the chain (or the named stages, in chain order); returns the report's path, or None
+    when the report was not among the stages."""
     plan = load_plan(directory, runs, report, smoke)
     for s in stages or []:
         if s not in plan.stages:
@@ -280,4 +281,4 @@ def run(directory: str | Path, stages: list[str] | None = None, runs: str | None
         from smdlm_cli.commands import results
 
         return results.write(plan, record)
-    return Path(plan.cfg.report)
+    return None

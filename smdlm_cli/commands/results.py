@@ -260,11 +260,30 @@ def _lambda(plan, figures: Path) -> list[str]:
             cols += [f"{info['key_points']['lambda_at_zero_entropy']:.3g}",
                      f"{sum(mean) / max(len(mean), 1):.3g}", f"{sum(share) / max(len(share), 1):.3g}"]
         lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    diff = _weight_difference(plan.runs / "sm-iso-update", plan.runs / "binary")
+    if diff is not None:
+        lines += ["", f"Largest difference between the weights of sm-iso-update and of the binary "
+                      f"continuation (same base, same batches): {diff[0]:.3g}, against a largest "
+                      f"weight magnitude of {diff[1]:.3g}. How to read it: with λ near 0 the "
+                      f"soft-masked input equals the [MASK] embedding to float precision, so the two "
+                      f"runs can differ by rounding only; a difference of the order of the weights "
+                      f"means soft-masking changed what was learned."]
     if found:
         png = figures / f"{Path(plan.cfg.report).stem}-lambda.png"
         _plot_lambda(found, png)
         lines += ["", f"![ω_s over training, λ(H), λ over decoding steps](figures/{png.name})"]
     return lines + [""]
+
+
+def _weight_difference(a: Path, b: Path) -> tuple[float, float] | None:
+    """(max |a - b| over the published backbone weights, max |b|), or None if either is missing."""
+    if not ((a / "model.safetensors").is_file() and (b / "model.safetensors").is_file()):
+        return None
+    from smdlm_cli.core.io import load_tensors
+
+    wa, wb = load_tensors(a / "model.safetensors"), load_tensors(b / "model.safetensors")
+    return (max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wb),
+            max(float(w.float().abs().max()) for w in wb.values()))
 
 
 def _logit(p: float) -> float:

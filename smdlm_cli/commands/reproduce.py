@@ -77,9 +77,9 @@ class Plan:
         return [*TRAIN, "lambda", "cache", *(f"sweep-{s}" for s in self.cfg.samplers), "report"]
 
 
-def _train_sets(plan_smoke: bool, recipe: Recipe) -> list[str]:
-    sets = list(SMOKE_TRAIN) if plan_smoke else []
-    if plan_smoke and recipe.train.max_forward_passes:
+def _train_sets(smoke: bool, recipe: Recipe) -> list[str]:
+    sets = list(SMOKE_TRAIN) if smoke else []
+    if smoke and recipe.train.max_forward_passes:
         sets.append("train.max_forward_passes=4")  # iso-compute keeps its meaning: 4 forwards
     return sets
 
@@ -243,7 +243,8 @@ def run_stage(plan: Plan, stage: str) -> list[str]:
     for argv in commands(plan, stage):
         if stage in TRAIN:
             argv = _prepare_training(plan, stage, argv)
-        json_out = Path(argv[argv.index("--png") + 1]).with_suffix(".json") if stage == "lambda" else None
+        # inspect-lambda --json prints its report on stdout: kept as lambda/<run>.json
+        json_out = plan.runs / "lambda" / f"{Path(argv[1]).name}.json" if stage == "lambda" else None
         _call(argv, stage, json_out)
         ran.append(shown(argv) + (f" > {json_out}" if json_out else ""))
     return ran

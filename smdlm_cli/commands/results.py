@@ -120,7 +120,7 @@ def _training(plan, record: dict) -> list[str]:
         secs = record.get("stages", {}).get(name, {}).get("seconds")
         scale = s["omega"]["scale"][-1] if s["omega"]["scale"] else None
         lines.append(f"| {name} | {roles[name]} | {s['steps']} | {s['sm_steps']} | "
-                     f"{s['forwards']} | {s['tokens']:,} | {'–' if secs is None else f'{secs:.0f}'}"
+                     f"{s['forwards']} | {s['tokens'] or 0:,} | {'–' if secs is None else f'{secs:.0f}'}"
                      f" | {s['first_val']:.4f} → {s['last_val']:.4f} | "
                      f"{'–' if scale is None else f'{scale:.3g}'} |")
     return lines + [""]

@@ -4,9 +4,11 @@ from the run outputs; the cpu and gpu directories load and validate."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,12 +40,13 @@ def test_every_stage_ran_once_and_is_recorded(chain):
     record = read_json(chain / "runs" / "stages.json")
     plan = reproduce.load_plan(CPU, str(chain / "runs"), smoke=True)
     assert sorted(record["stages"]) == sorted(plan.stages[:-1])  # all but the report
-    assert record["smoke"] is True and record["machine"]["cpus"] >= 1
+    assert record["smoke"] is True and record["machine"]["cpus"] >= 1 and record["machine"]["cpu"]
     assert len(record["stages"]["cache"]["commands"]) == 4
     assert all(c.startswith("smdlm ") for s in record["stages"].values() for c in s["commands"])
     for name in reproduce.TRAIN:
         assert (chain / "runs" / name / "model.safetensors").is_file()
-    for png in ("results-mdlm.png", "results-remdm-cap.png", "results-lambda.png"):
+    for png in ("results-mdlm.png", "results-remdm-cap.png", "results-lambda.png",
+                "results-sm-on.png"):
         assert (chain / "docs" / "figures" / png).stat().st_size > 1000
 
 
@@ -62,6 +65,11 @@ def test_continuations_start_from_the_base_on_equal_data(chain):
     ar = json.loads((chain / "runs" / "ar" / "tokenizer" / "tokenizer.json").read_text())
     base = json.loads((chain / "runs" / "base" / "tokenizer" / "tokenizer.json").read_text())
     assert ar["model"]["vocab"] == base["model"]["vocab"]  # one tokenizer for scorer and models
+    # the diagnostic: sm-iso-update's run with omega_s starting at 0.5 instead of 1e-6
+    on = results.training_summary(plan, "sm-on")
+    assert on["first_val"] == s["binary"]["first_val"] and on["steps"] == s["binary"]["steps"]
+    assert on["omega"]["scale"][0] == pytest.approx(0.5, abs=0.05)
+    assert s["sm-iso-update"]["omega"]["scale"][0] < 1e-4
 
 
 def _table_row(text: str, label: str) -> list[str]:
@@ -85,6 +93,22 @@ def test_main_table_is_read_from_the_sweep(chain):
     assert "smdlm evaluate sweep --ckpt" in text and "smdlm pretrain" in text  # the commands
 
 
+def test_switched_on_diagnostic_is_read_from_its_sweep_and_the_main_one(chain):
+    text = (chain / "docs" / "results.md").read_text()
+    section = text.split("## Diagnostic: soft-masking switched on")[1].split("\n## ")[0]
+    main = read_json(chain / "runs" / "sweep-mdlm" / "sweep.json")
+    mine = read_json(chain / "runs" / "sm-on-sweep" / "sweep.json")
+    assert {(Path(r["run"]).name, r["decoding"]) for r in mine["rows"]} == {("sm-on", "binary"),
+                                                                           ("sm-on", "SM")}
+    on = next(r for r in mine["rows"] if r["decoding"] == "SM")["cells"][0]
+    binary = next(r for r in main["rows"] if Path(r["run"]).name == "binary")["cells"][0]
+    delta = sweep.fmt(on["genppl"] - binary["genppl"],
+                      (on["genppl_se"] ** 2 + binary["genppl_se"] ** 2) ** 0.5)
+    first = _table_row(section.split("**mdlm, gen-PPL**")[1], "sm-on (SM decoding) vs binary")[0]
+    assert first.startswith(delta + " ")
+    assert "sm-on" not in text.split("## Main table")[1].split("\n## ")[0]  # not a main-table row
+
+
 def test_report_follows_the_outputs_and_nothing_reruns(chain, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(chain / "runs", runs)
@@ -97,7 +121,7 @@ def test_report_follows_the_outputs_and_nothing_reruns(chain, tmp_path):
     result = smdlm("reproduce", CPU, "--smoke", "--runs", runs, "--report", tmp_path / "r.md",
                    cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stderr.count("done earlier") == 9 and "smdlm pretrain" not in result.stderr
+    assert result.stderr.count("done earlier") == 11 and "smdlm pretrain" not in result.stderr
     text = (tmp_path / "r.md").read_text()
     assert _table_row(text, "mdlm: binary · binary")[1] == sweep.fmt(1234.5, 0.25)
     # the comparison against that row follows too: SM decoding is now far better at full NFE
@@ -106,6 +130,25 @@ def test_report_follows_the_outputs_and_nothing_reruns(chain, tmp_path):
     expected = sweep.fmt(sm["genppl"] - 1234.5, (sm["genppl_se"] ** 2 + 0.25 ** 2) ** 0.5)
     gen_ppl = text.split("**mdlm, gen-PPL**")[1]
     assert _table_row(gen_ppl, "SM iso-update (SM decoding) vs binary")[-1] == f"{expected} better"
+
+
+def test_median_entropy_inverts_lambda():
+    scale, centre, steep = 0.4, -0.7, 6.0
+    lam = [scale / (1 + math.exp(-steep * (-h - centre))) for h in (3.0, 5.0)]
+    info = {"scale": scale, "centre": centre, "steepness": steep,
+            "decode": {"lam_q50": [0.0, *lam, float("nan")]}}  # step 0 feeds nothing back
+    assert results._median_entropy(info) == pytest.approx(4.0)
+
+
+def test_lambda_diagnostics_of_the_chain_are_consistent(chain):
+    plan = reproduce.load_plan(CPU, str(chain / "runs"), smoke=True)
+    vocab = read_json(chain / "runs" / "base" / "config.json")["vocab_size"]
+    for name in reproduce.SM_RUNS:
+        info = read_json(chain / "runs" / "lambda" / f"{name}.json")
+        # an entropy over the vocabulary: between 0 and log V (λ fed back with the run's own ω)
+        assert 0 <= results._median_entropy(info) <= math.log(vocab) + 1e-3
+        assert info["scale"] == pytest.approx(results.training_summary(plan, name)["omega"]["scale"][-1],
+                                              rel=1e-3)
 
 
 def test_a_missing_stage_is_reported_as_missing(chain, tmp_path):
@@ -117,7 +160,7 @@ def test_a_missing_stage_is_reported_as_missing(chain, tmp_path):
     atomic_write_json(runs / "stages.json", record)
     plan = reproduce.load_plan(CPU, str(runs), str(tmp_path / "r.md"), smoke=True)
     text = results.write(plan, record).read_text()
-    assert "*stage `cache` not run yet*" in text and "Stages finished: 8 of 9" in text
+    assert "*stage `cache` not run yet*" in text and "Stages finished: 10 of 11" in text
 
 
 def test_training_restarts_a_run_killed_before_its_first_save(tmp_path):
@@ -139,8 +182,12 @@ def test_cpu_and_gpu_directories_load():
         assert r["sm-iso-update"].train.steps == r["binary"].train.steps
         assert r["base"].data.tokenizer == "bpe" and r["ar"].model.causal
         assert r["ar"].data.tokenizer == f"{plan.cfg.runs}/base/tokenizer"
-        for name in reproduce.CONTINUATIONS:
+        for name in reproduce.TRAIN[2:]:
             assert r[name].model.init == f"{plan.cfg.runs}/base"
+        # sm-on differs from sm-iso-update in omega_s's start only
+        assert r["sm-on"].softmask.scale == 0.5 and r["sm-iso-update"].softmask.scale == 1e-6
+        assert replace(r["sm-on"].softmask, scale=1e-6) == r["sm-iso-update"].softmask
+        assert r["sm-on"].train == r["sm-iso-update"].train
         # every command of the chain can be built before anything ran
         for stage in plan.stages[:-1]:
             assert reproduce.commands(plan, stage)
@@ -168,7 +215,8 @@ def test_bad_directories_are_one_line_errors(tmp_path, edit, message):
 @pytest.mark.parametrize("args, message", [
     (["nowhere"], "nowhere: no such directory"),
     ([CPU, "--stage", "bogus"], "--stage bogus: unknown stage"),
-    ([CPU, "--stage", "sweep-mdlm"], "needs the outputs of stage base, ar, binary"),
+    ([CPU, "--stage", "sweep-mdlm"], "needs the outputs of stage ar, binary, sm-iso-update"),
+    ([CPU, "--stage", "cache"], "needs the outputs of stage ar, binary, sm-iso-update;"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(tmp_path, args, message):
     result = smdlm("reproduce", *args, "--runs", tmp_path / "runs", cwd=tmp_path)

@@ -155,6 +155,8 @@ def test_sweep_end_to_end_and_resumes(trained, tmp_path):
             values = [s["genppl"] for s in cell["seeds"]]
             assert cell["genppl"] == pytest.approx(np.mean(values))
             assert cell["genppl_se"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(2))
+            speeds = [s["tokens_per_s"] for s in cell["seeds"]]
+            assert cell["tokens_per_s"] == pytest.approx(np.median(speeds)) and min(speeds) > 0
             assert 0 < cell["mauve"] <= 1
     binary, smrow, arrow = report["rows"]
     assert [c["nfe"] for c in binary["cells"]] == [4, 8] and arrow["cells"][0]["nfe"] == 47
@@ -182,3 +184,13 @@ def test_sweep_bad_flags(trained, tmp_path):
         result = runner.invoke(app, ["evaluate", "sweep", "--ckpt", str(trained["sm"]), *args,
                                      "--out", str(tmp_path / "s")])
         assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_sweep_cell_speed_is_the_median_over_seeds():
+    from smdlm_cli.commands.sweep import _summarise
+
+    seeds = [{"nfe": 8, "tokens_per_s": t, "genppl": g} for t, g in ((900.0, 10.0), (300.0, 12.0),
+                                                                   (1000.0, 14.0))]
+    cell = _summarise(seeds, ["genppl"])
+    assert cell["tokens_per_s"] == 900.0  # the seed slowed by other work does not pull it down
+    assert cell["genppl"] == pytest.approx(12.0) and cell["genppl_se"] == pytest.approx(2 / 3 ** 0.5)

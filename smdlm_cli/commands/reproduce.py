@@ -3,15 +3,18 @@ commands.
 
 DIR holds base.toml (a binary MDLM trained from scratch), ar.toml (the AR scorer and reference
 row), three continuations of the base on equal data (binary.toml, sm-iso-update.toml,
-sm-iso-compute.toml) and reproduce.toml (how they are evaluated). The stages, in order:
+sm-iso-compute.toml), a diagnostic fourth (sm-on.toml: sm-iso-update with soft-masking switched on
+from the start, beyond the paper's protocol) and reproduce.toml (how they are evaluated). The
+stages, in order:
 
-  base, ar, binary, sm-iso-update, sm-iso-compute
+  base, ar, binary, sm-iso-update, sm-iso-compute, sm-on
                     `smdlm pretrain`, resumed where an earlier attempt stopped
   lambda            `smdlm inspect-lambda --decode` of each SM run at NFE L/16
   cache             `smdlm evaluate sweep --sampler confidence` at NFE L/8: {no cache, dual cache}
                     x {threshold off, on}, each with binary and SM decoding
   sweep-<sampler>   `smdlm evaluate sweep` of the continuations and the AR row: gen-PPL, unigram
                     entropy, MAUVE (and ELBO, in the first sweep) at NFE L/16, L/8, L/4, L/2, L
+  sm-on-sweep       the same for sm-on with the first sampler: apart from the main table
   report            the Markdown report and its figures, computed from the outputs above
                     (commands/results.py)
 
@@ -40,9 +43,9 @@ from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_bytes, atomic_write_json, read_json
 from smdlm_cli.recipe import load_recipe, load_table
 
-TRAIN = ("base", "ar", "binary", "sm-iso-update", "sm-iso-compute")
-CONTINUATIONS = TRAIN[2:]
-SM_RUNS = ("sm-iso-update", "sm-iso-compute")
+TRAIN = ("base", "ar", "binary", "sm-iso-update", "sm-iso-compute", "sm-on")
+CONTINUATIONS = ("binary", "sm-iso-update", "sm-iso-compute")   # the main table's rows
+SM_RUNS = ("sm-iso-update", "sm-iso-compute", "sm-on")
 # The caching study: name -> sampler options on top of the block length and temperature.
 CACHE = {"no-cache": {}, "no-cache+threshold": {"threshold": True},
          "dual-cache": {"cache": "dual"}, "dual-cache+threshold": {"cache": "dual", "threshold": True}}
@@ -74,7 +77,8 @@ class Plan:
     @property
     def stages(self) -> list[str]:
         # the short diagnostic stages before the long sweeps: an interrupted chain has them first
-        return [*TRAIN, "lambda", "cache", *(f"sweep-{s}" for s in self.cfg.samplers), "report"]
+        return [*TRAIN, "lambda", "cache", *(f"sweep-{s}" for s in self.cfg.samplers),
+                "sm-on-sweep", "report"]
 
 
 def _train_sets(smoke: bool, recipe: Recipe) -> list[str]:
@@ -126,7 +130,7 @@ def _check_recipes(directory: Path, recipes: dict[str, Recipe]) -> None:
     if not recipes["ar"].model.causal:
         raise UserError(f"{directory / 'ar.toml'}: expected model.causal = true (the AR scorer)")
     first = recipes["binary"]
-    for name in CONTINUATIONS:
+    for name in TRAIN[2:]:
         r = recipes[name]
         if (name == "binary") == r.softmask.enabled:
             raise UserError(f"{directory / f'{name}.toml'}: softmask.enabled = "
@@ -142,7 +146,7 @@ def _check_recipes(directory: Path, recipes: dict[str, Recipe]) -> None:
 
 def _pretrain(plan: Plan, name: str) -> list[str]:
     sets = _train_sets(plan.smoke, plan.recipes[name])
-    if name in CONTINUATIONS:
+    if name not in ("base", "ar"):
         sets.append(f"model.init={plan.runs / 'base'}")
     if name == "ar":
         sets.append(f"data.tokenizer={plan.runs / 'base' / 'tokenizer'}")
@@ -170,6 +174,9 @@ def commands(plan: Plan, stage: str) -> list[list[str]]:
         sampler = stage.removeprefix("sweep-")
         metrics = "genppl,entropy,mauve" + (",elbo" if sampler == c.samplers[0] else "")
         return [_sweep(plan, [*CONTINUATIONS, "ar"], plan.nfe, metrics, sampler, runs / stage)]
+    if stage == "sm-on-sweep":
+        return [_sweep(plan, ["sm-on"], plan.nfe, "genppl,entropy,mauve,elbo", c.samplers[0],
+                       runs / stage)]
     if stage == "lambda":
         return [["inspect-lambda", str(runs / r), "--json", "--decode", "--nfe",
                  str(plan.length // 16), "--num-samples", str(c.num_samples),
@@ -195,7 +202,13 @@ def needs(plan: Plan, stage: str) -> list[str]:
         return ["base"]
     if stage == "report":
         return []  # it reports what exists and says what is missing
-    return list(TRAIN)
+    if stage == "lambda":
+        return list(SM_RUNS)
+    if stage == "cache":
+        return ["ar", "binary", "sm-iso-update"]
+    if stage == "sm-on-sweep":
+        return ["ar", "sm-on"]
+    return ["ar", *CONTINUATIONS]
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -208,10 +221,20 @@ def _machine() -> dict:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "platform": platform.platform()}
+            "cpus": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _cpu_model() -> str:
+    # float results on CPU can differ between processors (kernels chosen per instruction set)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def _call(argv: list[str], stage: str, stdout_file: Path | None = None) -> None:

@@ -138,7 +138,8 @@ def _elbo(row: Row, device) -> float:
 
 def _summarise(seeds: list[dict], metrics: list[str]) -> dict:
     summary = {"nfe": seeds[0]["nfe"], "seeds": seeds,
-               "tokens_per_s": float(np.mean([c["tokens_per_s"] for c in seeds]))}
+               # the median: one seed slowed by the machine's other work does not move it
+               "tokens_per_s": float(np.median([c["tokens_per_s"] for c in seeds]))}
     for m in metrics:
         summary[m], summary[f"{m}_se"] = _mean_se([c[m] for c in seeds])
     return summary

@@ -206,11 +206,11 @@ def inspect_lambda(
 @app.command("reproduce")
 def reproduce(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="recipes/repro/cpu or "
-                                              "recipes/repro/gpu: five training recipes and "
+                                              "recipes/repro/gpu: six training recipes and "
                                               "reproduce.toml")],
     stage: Annotated[Optional[list[str]], typer.Option("--stage", help="run only this stage "
                      "(repeatable): base, ar, binary, sm-iso-update, sm-iso-compute, "
-                     "lambda, cache, sweep-<sampler>, report")] = None,
+                     "sm-on, lambda, cache, sweep-<sampler>, sm-on-sweep, report")] = None,
     runs: Annotated[Optional[str], typer.Option("--runs", metavar="DIR", help="outputs; default "
                                                 "reproduce.runs")] = None,
     report: Annotated[Optional[str], typer.Option("--report", metavar="FILE", help="Markdown "

@@ -163,7 +163,7 @@ def humaneval_rescored(result, cwd):
 def reproduced(result, cwd):
     assert result.returncode == 0, result.stderr[-3000:]
     stages = json.loads((cwd / "runs" / "repro-cpu" / "stages.json").read_text())["stages"]
-    assert "cache" in stages and "sweep-remdm-cap" in stages
+    assert {"cache", "sweep-remdm-cap", "sm-on", "sm-on-sweep"} <= set(stages)
     text = (cwd / "docs" / "results.md").read_text()
     assert "## Main table" in text and "**Smoke run**" in text
     assert (cwd / "docs" / "figures" / "results-mdlm.png").is_file()

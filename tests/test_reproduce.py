@@ -161,6 +161,9 @@ def test_a_missing_stage_is_reported_as_missing(chain, tmp_path):
     plan = reproduce.load_plan(CPU, str(runs), str(tmp_path / "r.md"), smoke=True)
     text = results.write(plan, record).read_text()
     assert "*stage `cache` not run yet*" in text and "Stages finished: 10 of 11" in text
+    assert "different machines" not in text
+    record["stages"]["sm-on"]["machine"] = {**record["machine"], "cpu": "another processor"}
+    assert "The stages ran on 2 different machines" in results.write(plan, record).read_text()
 
 
 def test_training_restarts_a_run_killed_before_its_first_save(tmp_path):

@@ -59,7 +59,7 @@ SMOKE_EVAL = {"num_samples": 4, "seeds": 2, "batch_size": 4, "cache_block": 8}
 class Plan:
     directory: Path
     cfg: ReproduceConfig
-    recipes: dict[str, Recipe]      # the five training recipes, as they will run
+    recipes: dict[str, Recipe]      # the training recipes, as they will run
     smoke: bool
 
     @property
@@ -299,7 +299,8 @@ def run(directory: str | Path, stages: list[str] | None = None, runs: str | None
         began = time.perf_counter()
         ran = run_stage(plan, stage)
         done[stage] = {"commands": ran, "seconds": time.perf_counter() - began,
-                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "machine": record["machine"]}  # a resumed chain may change machines
         atomic_write_json(record_file, record)
     if "report" in todo:
         from smdlm_cli.commands import results

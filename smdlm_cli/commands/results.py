@@ -102,6 +102,10 @@ def _header(plan, record: dict) -> list[str]:
              f"{m.get('torch')}. Stages finished: {len(stages)} of {len(plan.stages) - 1}, "
              f"{total / 60:.1f} min of wall time in all (each stage's time is that of the attempt "
              f"that finished it).", ""]
+    machines = {json.dumps(s["machine"], sort_keys=True) for s in stages.values() if "machine" in s}
+    if len(machines) > 1:
+        lines += [f"The stages ran on {len(machines)} different machines: times and float results "
+                  f"differ between them (stages.json gives each stage's).", ""]
     if plan.smoke:
         lines += ["**Smoke run**: a few steps of a tiny model and a handful of samples, to check "
                   "the chain. The numbers mean nothing.", ""]

@@ -13,6 +13,8 @@ in the core, where tests and library users reach it without the CLI.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -231,4 +233,23 @@ app.add_typer(evaluate_app, name="evaluate")
 
 def main() -> None:
     """Entry point of the `smdlm` console script and of `python -m smdlm_cli`."""
-    app(prog_name="smdlm")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app(prog_name="smdlm")
+        return
+    code: object = 0
+    try:
+        app(prog_name="smdlm")
+    except SystemExit as done:
+        code = done.code
+    # A torchrun worker leaves without finalizing the interpreter. Gloo's worker threads drop
+    # their references to a collective's tensors a moment after it completes, and dropping one
+    # takes the GIL; if finalization has begun by then, Python ends that thread inside a C++
+    # destructor and the process aborts (SIGABRT) after a run that saved correctly (seen 1 run in
+    # 60 of the README's two-rank pretrain). Every file is closed by now; only stdio is buffered.
+    if not isinstance(code, int):  # sys.exit("message") or sys.exit(None)
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

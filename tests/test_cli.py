@@ -185,3 +185,22 @@ def test_importing_the_app_does_not_import_torch():
     code = "import sys, smdlm_cli.app; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout == "False\n", proc.stderr
+
+
+@pytest.mark.parametrize("world, args, code, stream, text", [
+    ("1", ["--version"], 0, "stdout", f"smdlm {smdlm_cli.__version__}\n"),
+    ("2", ["--version"], 0, "stdout", f"smdlm {smdlm_cli.__version__}\n"),
+    ("2", ["pretrain", "bad.toml"], 2, "stderr",
+     "error: bad.toml: train.lr = true, expected a number >= 0\n"),
+])
+def test_torchrun_workers_exit_without_finalizing(tmp_path, world, args, code, stream, text):
+    # A torchrun worker (WORLD_SIZE > 1) skips interpreter finalization, where gloo's threads
+    # can abort the process; it keeps its exit code and its buffered output.
+    (tmp_path / "bad.toml").write_text("[train]\nsteps = 3\nbatch_size = 4\nlr = true\n")
+    script = ("import atexit, sys; atexit.register(lambda: print('finalized', file=sys.stderr)); "
+              f"sys.argv = ['smdlm'] + {args!r}; from smdlm_cli.app import main; main()")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "WORLD_SIZE": world})
+    assert proc.returncode == code
+    assert getattr(proc, stream).startswith(text)
+    assert ("finalized" in proc.stderr) == (world == "1")

@@ -142,15 +142,27 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = trainer.setup_distributed("cpu")
-    backbone, softmask, cfg = setup(True, steps=6, batch_size=4, eval_every=3, save_every=3)
-    loader = BlockLoader(corpus(), 2, cfg.seed, ctx.rank, ctx.world)
-    trainer.fit(backbone, softmask, cfg, SoftMaskConfig(prob=0.5), loader, [corpus(4).long()],
-                Path(out) / "run", ctx)
+    with trainer.distributed("cpu") as ctx:
+        assert (ctx.rank, ctx.world) == (rank, world)
+        backbone, softmask, cfg = setup(True, steps=6, batch_size=4, eval_every=3, save_every=3)
+        loader = BlockLoader(corpus(), 2, cfg.seed, ctx.rank, ctx.world)
+        trainer.fit(backbone, softmask, cfg, SoftMaskConfig(prob=0.5), loader,
+                    [corpus(4).long()], Path(out) / "run", ctx)
+    assert not torch.distributed.is_initialized()  # the group it set up is taken down
     atomic_save_tensors(Path(out) / f"rank{rank}.safetensors",
                         {**{f"b.{k}": v for k, v in backbone.state_dict().items()},
                          **{f"s.{k}": v for k, v in softmask.state_dict().items()}})
-    torch.distributed.destroy_process_group()
+
+
+def test_distributed_leaves_a_group_it_did_not_create(tmp_path):
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with trainer.distributed("cpu") as ctx:
+            assert (ctx.rank, ctx.world) == (0, 1)
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_two_process_gloo_ranks_end_identical(tmp_path):

@@ -93,35 +93,35 @@ def publish(backbone, run_dir: Path) -> None:
 
 
 def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, merge: bool) -> Path:
-    ctx = trainer.setup_distributed(recipe.train.device)
-    run_dir = _run_dir(recipe_path, out, resume)
-    if resume:
-        _check_resume_recipe(run_dir, recipe)
-    fresh = not run_dir.exists()
-    _barrier()
-    try:
+    with trainer.distributed(recipe.train.device) as ctx:
+        run_dir = _run_dir(recipe_path, out, resume)
+        if resume:
+            _check_resume_recipe(run_dir, recipe)
+        fresh = not run_dir.exists()
+        _barrier()
+        try:
+            if ctx.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if not resume:
+                    atomic_write_text(run_dir / "recipe.toml", dump_recipe(
+                        recipe, header=f"smdlm finetune {run_dir / 'recipe.toml'} --out {run_dir} --resume"))
+            inputs = _setup(recipe, run_dir, resume, ctx)
+        except UserError:
+            if fresh and ctx.main:  # nothing trained: leave nothing behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        result = _train_with_progress(recipe, *inputs, run_dir, ctx, resume, name="finetune",
+                                      objective="sft", publish=publish)
         if ctx.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                atomic_write_text(run_dir / "recipe.toml", dump_recipe(
-                    recipe, header=f"smdlm finetune {run_dir / 'recipe.toml'} --out {run_dir} --resume"))
-        inputs = _setup(recipe, run_dir, resume, ctx)
-    except UserError:
-        if fresh and ctx.main:  # nothing trained: leave nothing behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    result = _train_with_progress(recipe, *inputs, run_dir, ctx, resume, name="finetune",
-                                  objective="sft", publish=publish)
-    if ctx.main:
-        backbone = inputs[0]
-        if merge:
-            save_model(backbone.merge_and_unload(), run_dir)
-        first, last = result.first_val, result.last_val
-        console.print(f"validation NLL {first['val_nll']:.4f} -> {last['val_nll']:.4f} nats per "
-                      f"masked token after {result.step} steps")
-        console.print(f"run saved in [bold]{run_dir}[/bold] (adapter/, softmask.json"
-                      f"{', merged model.safetensors' if merge else ''})")
-    return run_dir
+            backbone = inputs[0]
+            if merge:
+                save_model(backbone.merge_and_unload(), run_dir)
+            first, last = result.first_val, result.last_val
+            console.print(f"validation NLL {first['val_nll']:.4f} -> {last['val_nll']:.4f} nats per "
+                          f"masked token after {result.step} steps")
+            console.print(f"run saved in [bold]{run_dir}[/bold] (adapter/, softmask.json"
+                          f"{', merged model.safetensors' if merge else ''})")
+        return run_dir
 
 
 def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):

@@ -126,24 +126,24 @@ def _model(recipe: Recipe, run_dir: Path, resume: bool, tok, main: bool):
 
 
 def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool) -> Path:
-    ctx = trainer.setup_distributed(recipe.train.device)
-    run_dir = _run_dir(recipe_path, out, resume)
-    if resume:
-        _check_resume_recipe(run_dir, recipe)
-    fresh = not run_dir.exists()
-    _barrier()  # every rank has checked the directory before rank 0 writes into it
-    try:
-        inputs = _setup(recipe, run_dir, resume, ctx)
-    except UserError:
-        # A run that failed before its first step (offline, bad data) leaves nothing behind, so
-        # the same command works once the cause is fixed; a directory it did not create is kept.
-        if fresh and ctx.main:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    result = _train_with_progress(recipe, *inputs, run_dir, ctx, resume)
-    if ctx.main:
-        _summary(run_dir, result)
-    return run_dir
+    with trainer.distributed(recipe.train.device) as ctx:
+        run_dir = _run_dir(recipe_path, out, resume)
+        if resume:
+            _check_resume_recipe(run_dir, recipe)
+        fresh = not run_dir.exists()
+        _barrier()  # every rank has checked the directory before rank 0 writes into it
+        try:
+            inputs = _setup(recipe, run_dir, resume, ctx)
+        except UserError:
+            # A run that failed before its first step (offline, bad data) leaves nothing behind, so
+            # the same command works once the cause is fixed; a directory it did not create is kept.
+            if fresh and ctx.main:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        result = _train_with_progress(recipe, *inputs, run_dir, ctx, resume)
+        if ctx.main:
+            _summary(run_dir, result)
+        return run_dir
 
 
 def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):

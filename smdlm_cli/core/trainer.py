@@ -87,6 +87,27 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank=rank, world=dist.get_world_size() if dist.is_initialized() else 1, device=dev)
 
 
+@contextmanager
+def distributed(device: str = "auto") -> Iterator[Dist]:
+    """setup_distributed for the length of a command, then the process group is taken down.
+
+    torch asks every process to destroy its group before it exits (NCCL warns and can hang
+    otherwise). On success every rank first waits for the others; on an error there is no
+    barrier, which could wait forever for a rank that has failed. A group the caller set up
+    before is left to the caller.
+    """
+    existed = dist.is_initialized()
+    ctx = setup_distributed(device)
+    owned = dist.is_initialized() and not existed
+    try:
+        yield ctx
+        if owned:
+            dist.barrier()
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
 def _all_reduce_sum(x: Tensor) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(x)

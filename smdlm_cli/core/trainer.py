@@ -91,8 +91,8 @@ def setup_distributed(device: str = "auto") -> Dist:
 def distributed(device: str = "auto") -> Iterator[Dist]:
     """setup_distributed for the length of a command, then the process group is taken down.
 
-    torch asks every process to destroy its group before it exits (NCCL warns and can hang
-    otherwise). On success every rank first waits for the others; on an error there is no
+    torch asks every process to destroy its group before it exits (with NCCL it warns of leaked
+    resources otherwise). On success every rank first waits for the others; on an error there is no
     barrier, which could wait forever for a rank that has failed. A group the caller set up
     before is left to the caller.
     """

@@ -23,7 +23,7 @@ from smdlm_cli.core import diffusion
 from smdlm_cli.core.config import SoftMaskConfig
 from smdlm_cli.core.data import build_corpus, cache_dir, valid_batches
 from smdlm_cli.core.softmask import SoftMask
-from smdlm_cli.core.trainer import TwoPass
+from smdlm_cli.core.twopass import TwoPass
 from smdlm_cli.recipe import load_recipe
 
 ADAM_EPS = 1e-8

@@ -20,7 +20,7 @@ import torch
 from smdlm_cli.core import diffusion
 from smdlm_cli.core.models.dit import build_dit
 from smdlm_cli.core.softmask import SoftMask
-from smdlm_cli.core.trainer import TwoPass, _autocast
+from smdlm_cli.core.twopass import TwoPass, autocast as _autocast
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def write_chat_base(path: Path) -> Path:
     import copy
 
     from runs import tokenizer
-    from smdlm_cli.core.models.tiny_dream import CHATML
+    from smdlm_cli.core.tiny_dream import CHATML
 
     tok = copy.deepcopy(tokenizer())
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from runs import make_run
-from smdlm_cli.core import diffusion, trainer
+from smdlm_cli.core import diffusion, objectives, trainer
+from smdlm_cli.core.distributed import Dist, batch_layout
+from smdlm_cli.core.twopass import TwoPass
 from smdlm_cli.core.config import SoftMaskConfig, TrainConfig
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.models import load_model
@@ -55,7 +57,11 @@ def test_validation_of_an_ar_model_is_its_exact_nll():
     m = _model()
     x0 = torch.randint(0, 49, (3, 16))
     x0[:, 0] = 0
-    out = trainer.validation_elbo(trainer.TwoPass(m, None), [x0], False, 0, trainer.Dist(), "fp32")
+    ctx = Dist()
+    objective = objectives.build("elbo", TrainConfig(batch_size=3), batch_layout(TrainConfig(batch_size=3), 1),
+                                 ctx, m)
+    assert isinstance(objective, objectives.Autoregressive)
+    out = objectives.validate(TwoPass(m, None), objective, [x0], False, 0, "fp32")
     logits = m(input_ids=x0)
     direct = F.cross_entropy(logits[:, :-1].reshape(-1, 50), x0[:, 1:].reshape(-1), reduction="sum")
     assert math.isclose(out["val_nll"], direct.item() / x0.numel(), rel_tol=1e-5)
@@ -79,7 +85,7 @@ def test_ar_training_lowers_the_loss(tmp_path):
     cfg = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup=0, ema=0.0, eval_every=30,
                       save_every=30, log_every=10, seed=0)
     result = trainer.fit(m, None, cfg, SoftMaskConfig(enabled=False), Loader(), [data], tmp_path,
-                         trainer.Dist())
+                         Dist())
     assert result.last_val["val_nll"] < 0.5 * result.first_val["val_nll"]
     assert load_model(str(tmp_path)).config.causal
 

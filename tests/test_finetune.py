@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dream_fixtures import write_chat_base
 from smdlm_cli.app import app
-from smdlm_cli.core import sft, trainer
+from smdlm_cli.core import objectives, sft
 from smdlm_cli.core.config import DataConfig
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import load_tensors
@@ -70,16 +70,16 @@ def test_sft_noise_and_loss_follow_the_paper():
     items = [(list(range(10, 40)), 12), (list(range(10, 20)), 9)]
     batch = sft.collate(items, 0, True, 0, random.Random(0))
     for t in (0.2, 0.5, 0.8):
-        xt = trainer.sft_noised(batch, torch.tensor(t), 99, g)
+        xt = objectives.sft_noised(batch, torch.tensor(t), 99, g)
         is_mask = xt == 99
         assert not (is_mask & ~batch.maskable).any()       # the prompt is never masked
         assert is_mask.any(-1).all()                        # every row has a mask
     big = sft.collate([(list(range(2000)), 10)], 0, True, 0, random.Random(0))
-    share = (trainer.sft_noised(big, torch.tensor(0.3), 99, g) == 99).float()[0, 10:].mean()
+    share = (objectives.sft_noised(big, torch.tensor(0.3), 99, g) == 99).float()[0, 10:].mean()
     assert abs(share.item() - 0.3) < 0.05
     logits = torch.randn(2, batch.input_ids.shape[1], 100)
-    xt = trainer.sft_noised(batch, torch.tensor(0.5), 99, g)
-    loss, _ = trainer.sft_loss(logits, batch.input_ids, xt, torch.tensor(0.5), 99)
+    xt = objectives.sft_noised(batch, torch.tensor(0.5), 99, g)
+    loss, _ = objectives.sft_loss(logits, batch.input_ids, xt, torch.tensor(0.5), 99)
     sel = xt == 99
     direct = F.cross_entropy(logits[..., :99][sel], batch.input_ids[sel]) / 0.5
     torch.testing.assert_close(loss, direct)

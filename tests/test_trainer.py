@@ -11,6 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from smdlm_cli.core import checkpoint, trainer
+from smdlm_cli.core.distributed import Dist, batch_layout, distributed
+from smdlm_cli.core.ema import EMA
 from smdlm_cli.core.config import SoftMaskConfig, TrainConfig
 from smdlm_cli.core.data import BlockLoader
 from smdlm_cli.core.io import atomic_save_tensors, load_tensors
@@ -41,11 +43,10 @@ def setup(sm: bool, seed=0, dropout=0.1, **train):
 def run(tmp: Path, sm: bool, resume=False, **train):
     backbone, softmask, cfg = setup(sm, **train)
     data = corpus()
-    per_rank, micro, _ = trainer._batch_layout(cfg, 1)
-    loader = BlockLoader(data, micro, cfg.seed)
+    loader = BlockLoader(data, batch_layout(cfg, 1).micro, cfg.seed)
     valid = [corpus(8, seed=1).long(), corpus(8, seed=2).long()]
     return trainer.fit(backbone, softmask, cfg, SoftMaskConfig(prob=0.8), loader, valid, tmp,
-                       trainer.Dist(), resume=resume)
+                       Dist(), resume=resume)
 
 
 @pytest.mark.parametrize("sm", [False, True])
@@ -104,9 +105,9 @@ def test_gradient_accumulation_matches_a_full_batch(tmp_path):
         torch.manual_seed(0)
         for p in backbone.parameters():  # non-zero everywhere, so every weight's update shows
             torch.nn.init.normal_(p, std=0.05)
-        per_rank, m, _ = trainer._batch_layout(cfg, 1)
+        m = batch_layout(cfg, 1).micro
         trainer.fit(backbone, None, cfg, SoftMaskConfig(), BlockLoader(corpus(), m, 0),
-                    [corpus(8).long()], tmp_path / f"m{micro}", trainer.Dist())
+                    [corpus(8).long()], tmp_path / f"m{micro}", Dist())
         outs.append({k: v.clone() for k, v in backbone.state_dict().items()})
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-4, atol=1e-6)
@@ -123,7 +124,7 @@ def test_lr_schedule():
 
 def test_ema_follows_the_mdlm_formula():
     p = {"w": torch.zeros(3)}
-    ema = trainer.EMA(p, decay=0.9999)
+    ema = EMA(p, decay=0.9999)
     for n in range(3):
         before = ema.shadow["w"].clone()
         p["w"] = torch.full((3,), float(n + 1))
@@ -142,7 +143,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    with trainer.distributed("cpu") as ctx:
+    with distributed("cpu") as ctx:
         assert (ctx.rank, ctx.world) == (rank, world)
         backbone, softmask, cfg = setup(True, steps=6, batch_size=4, eval_every=3, save_every=3)
         loader = BlockLoader(corpus(), 2, cfg.seed, ctx.rank, ctx.world)
@@ -158,7 +159,7 @@ def test_distributed_leaves_a_group_it_did_not_create(tmp_path):
     torch.distributed.init_process_group(
         "gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        with trainer.distributed("cpu") as ctx:
+        with distributed("cpu") as ctx:
             assert (ctx.rank, ctx.world) == (0, 1)
         assert torch.distributed.is_initialized()
     finally:

@@ -20,17 +20,16 @@ from pathlib import Path
 
 import torch
 
-from smdlm_cli.commands.pretrain import _barrier, _check_resume_recipe, _run_dir, _train_with_progress
-from smdlm_cli.commands.pretrain import console
-from smdlm_cli.core import checkpoint, sft, trainer
+from smdlm_cli.commands.training import console, train
+from smdlm_cli.core import checkpoint, sft
 from smdlm_cli.core.config import Recipe
+from smdlm_cli.core.distributed import Dist, barrier, batch_layout
 from smdlm_cli.core.errors import UserError
-from smdlm_cli.core.io import atomic_write_json, atomic_write_text
+from smdlm_cli.core.io import atomic_write_json
 from smdlm_cli.core.models import load_model, save_model
-from smdlm_cli.core.models.tiny_dream import TINY_DREAM, build_tiny_dream
 from smdlm_cli.core.softmask import SoftMask
+from smdlm_cli.core.tiny_dream import TINY_DREAM, build_tiny_dream
 from smdlm_cli.core.tokenizer import load_tokenizer
-from smdlm_cli.recipe import dump_recipe
 
 
 def _base(recipe: Recipe, run_dir: Path, main: bool) -> str:
@@ -44,7 +43,7 @@ def _base(recipe: Recipe, run_dir: Path, main: bool) -> str:
     if main and not (base / "config.json").exists():
         console.print("building the tiny Dream-layout base model (random weights) ...")
         build_tiny_dream(base, recipe.data, seed=recipe.train.seed)
-    _barrier()
+    barrier()
     return str(base)
 
 
@@ -80,51 +79,35 @@ def _wrap(model, recipe: Recipe):
 
 
 def publish(backbone, run_dir: Path) -> None:
-    """adapter/ through a temporary directory and a rename: never half-written."""
+    """adapter/'s files, each written to a temporary name and renamed over the old one: adapter/
+    always holds a complete adapter (the previous or the new), never nothing."""
+    target = run_dir / "adapter"
+    target.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".adapter-"))
     try:
         backbone.save_pretrained(str(tmp), safe_serialization=True)
-        old = run_dir / "adapter"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(tmp, old)
+        # the weights last: a reader that sees new weights sees the config they belong to
+        files = sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors")
+        for f in files:
+            os.replace(f, target / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, merge: bool) -> Path:
-    with trainer.distributed(recipe.train.device) as ctx:
-        run_dir = _run_dir(recipe_path, out, resume)
-        if resume:
-            _check_resume_recipe(run_dir, recipe)
-        fresh = not run_dir.exists()
-        _barrier()
-        try:
-            if ctx.main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                if not resume:
-                    atomic_write_text(run_dir / "recipe.toml", dump_recipe(
-                        recipe, header=f"smdlm finetune {run_dir / 'recipe.toml'} --out {run_dir} --resume"))
-            inputs = _setup(recipe, run_dir, resume, ctx)
-        except UserError:
-            if fresh and ctx.main:  # nothing trained: leave nothing behind
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-        result = _train_with_progress(recipe, *inputs, run_dir, ctx, resume, name="finetune",
-                                      objective="sft", publish=publish)
-        if ctx.main:
-            backbone = inputs[0]
-            if merge:
-                save_model(backbone.merge_and_unload(), run_dir)
-            first, last = result.first_val, result.last_val
-            console.print(f"validation NLL {first['val_nll']:.4f} -> {last['val_nll']:.4f} nats per "
-                          f"masked token after {result.step} steps")
-            console.print(f"run saved in [bold]{run_dir}[/bold] (adapter/, softmask.json"
-                          f"{', merged model.safetensors' if merge else ''})")
-        return run_dir
+    """Fine-tune the recipe's base into its run directory; returns the directory."""
+    def finish(run_dir: Path, inputs: tuple, result) -> None:
+        if merge:
+            save_model(inputs[0].merge_and_unload(), run_dir)
+        console.print(f"run saved in [bold]{run_dir}[/bold] (adapter/, softmask.json"
+                      f"{', merged model.safetensors' if merge else ''})")
+
+    return train(recipe, recipe_path, out, resume, "finetune",
+                 lambda run_dir, resume, ctx: _setup(recipe, run_dir, resume, ctx),
+                 objective="sft", publish=publish, finish=finish)
 
 
-def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):
+def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):
     base = _base(recipe, run_dir, ctx.main)
     tok = load_tokenizer(base)
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
@@ -147,7 +130,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: trainer.Dist):
     f, t = recipe.finetune, recipe.train
     train_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "train")
     valid_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "valid")
-    per_rank, micro, _ = trainer._batch_layout(t, ctx.world)
+    micro = batch_layout(t, ctx.world).micro
     pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
     loader = sft.SFTLoader(train_items, micro, t.seed, pad, f.pad_supervised, f.pad_jitter,
                            ctx.rank, ctx.world)

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from smdlm_cli.core import hub
 from smdlm_cli.core.config import DataConfig
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_save_tensors, load_tensors
@@ -81,16 +82,10 @@ def _field(record: dict, cfg: DataConfig, where: str) -> str:
 
 
 def _hub(cfg: DataConfig, split: str) -> Iterator[str]:
-    import datasets
-
     hf_split = cfg.valid_split if split == "valid" and cfg.valid_split else cfg.split
-    try:
-        ds = datasets.load_dataset(cfg.source, cfg.subset or None, split=hf_split,
-                                   streaming=cfg.streaming)
-    except Exception as e:  # offline, unknown name, bad split: one line, not a traceback
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise UserError(f"data.source = {cfg.source!r}: dataset not available (offline?): "
-                        f"{reason}") from None
+    ds = hub.load_dataset("data.source", cfg.source, cfg.subset or None, split=hf_split,
+                          streaming=cfg.streaming, expected="a local file or directory, "
+                          "python-stdlib, or a cached dataset name")
     rows = ((str(n), _field(row, cfg, f"{cfg.source} row {n}")) for n, row in enumerate(ds))
     if cfg.valid_split:  # a separate validation split: no hashing, every document of each split
         return itertools.islice((text for _, text in rows), cfg.max_docs or None)

@@ -43,15 +43,17 @@ def sample_t(n: int, t_min: float = EPS, t_max: float = 1.0, antithetic: bool = 
 
 
 def q_xt(x0: Tensor, t: Tensor, mask_id: int, generator: torch.Generator | None = None,
-         maskable: Tensor | None = None, u: Tensor | None = None) -> Tensor:
+         maskable: Tensor | None = None, u: Tensor | None = None, floor: float = 0.0) -> Tensor:
     """Sample x_t ~ q(x_t | x_0): each token independently masked with probability 1 - alpha_t.
 
-    t has one value per row. `maskable` (B, L) bool restricts masking (fine-tuning never masks the
-    prompt). `u` (B, L) uniform noise may be given instead of a generator.
+    t has one value per row (or one for all). `maskable` (B, L) bool restricts masking (fine-tuning
+    never masks the prompt). `u` (B, L) uniform noise may be given instead of a generator. `floor`
+    is added to the probability: the SM paper's fine-tuning collator masks with (1 - eps) t + eps.
     """
     if u is None:
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
-    is_mask = u < mask_prob(t).to(x0.device).unsqueeze(-1)
+    p = mask_prob(t) + floor if floor else mask_prob(t)
+    is_mask = u < p.to(x0.device).unsqueeze(-1)
     if maskable is not None:
         is_mask &= maskable
     return torch.where(is_mask, torch.full_like(x0, mask_id), x0)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from smdlm_cli.core import hub
 from smdlm_cli.core.config import DataConfig
 from smdlm_cli.core.data import _is_valid, stdlib_files
 from smdlm_cli.core.errors import UserError
@@ -70,15 +71,9 @@ def _local(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split,
-                                     streaming=cfg.streaming)
-    except Exception as e:  # offline or unknown: one line
-        raise UserError(f"data.source = {cfg.source!r}: not a local file and not loadable from the "
-                        f"hub ({type(e).__name__}); expected a JSONL of chat or prompt/response "
-                        f"examples, python-functions, or a cached dataset name") from None
+    rows = hub.load_dataset("data.source", cfg.source, cfg.subset or None, split=cfg.split,
+                            streaming=cfg.streaming, expected="a JSONL of chat or prompt/response "
+                            "examples, python-functions, or a cached dataset name")
     for n, row in enumerate(rows):
         yield f"{cfg.source}:{n}", dict(row)
 

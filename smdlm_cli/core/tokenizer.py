@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from smdlm_cli.core import hub
 from smdlm_cli.core.errors import UserError
 
 BOUNDARY = "<|endoftext|>"  # BOS and EOS at once, as GPT-2 and MDLM's wrapped blocks use it
@@ -27,11 +28,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:  # offline, unknown name, broken files: all mean "not usable here"
-        raise UserError(f"tokenizer {name_or_path!r}: not found locally and the hub is unreachable "
-                        f"(offline?) ({type(e).__name__}); expected a local tokenizer directory or "
-                        f"a cached hub name") from None
+        tok = hub.fetch("tokenizer", name_or_path, lambda: AutoTokenizer.from_pretrained(name_or_path),
+                        "a local tokenizer directory or a cached hub name")
     finally:
         hf_logging.set_verbosity(verbosity)
     if tok.mask_token is None:

@@ -1,6 +1,6 @@
 """The validation perplexity bound of a run: nll (nats/token), ppl and bpd on a data split.
 
-Exactly the trainer's validation (core/trainer.validation_elbo) on the run's own data settings:
+Exactly the trainer's validation (core/objectives.validate) on the run's own data settings:
 the saved weights (the EMA weights when the run used EMA, as the paper evaluates), SM models
 two-pass as they were trained, fixed times and masks from `seed`, one antithetic time per row.
 For an AR run it is the exact NLL, per token of the same blocks, so the rows compare.
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from smdlm_cli.core import trainer
+from smdlm_cli.core import objectives
+from smdlm_cli.core.distributed import Dist, batch_layout
+from smdlm_cli.core.twopass import TwoPass
 from smdlm_cli.core.data import build_corpus, cache_dir, valid_batches
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.recipe import load_recipe
@@ -44,8 +46,10 @@ def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid
     train, valid = build_corpus(recipe.data, tok, model.config.model_length, cache_dir())
     data = valid_batches(valid if split == "valid" else train, batch_size, batches)
     use_sm = softmask is not None
-    out = trainer.validation_elbo(trainer.TwoPass(model, softmask).to(device), data, use_sm, seed,
-                                  trainer.Dist(device=device), t.precision, on_batch)
+    ctx = Dist(device=device)
+    objective = objectives.build("elbo", t, batch_layout(t, 1), ctx, model)
+    out = objectives.validate(TwoPass(model, softmask).to(device), objective, data, use_sm, seed,
+                              t.precision, on_batch)
     return {"nll": out["val_nll"], "ppl": out["val_ppl"], "bpd": out["val_bpd"],
             "tokens": sum(x.numel() for x in data), "batches": len(data), "batch_size": batch_size,
             "seed": seed, "split": split, "sm": use_sm}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from smdlm_cli.core import hub
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.tokenizer import chat_prompt
 from smdlm_cli.evals.code import Problem, cut
@@ -55,14 +56,8 @@ def load_problems(dataset: str | None = None) -> dict[str, Problem]:
 
 
 def _hub(name: str) -> dict[str, dict]:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(name, split="test")
-    except Exception as e:  # offline or unknown: one line
-        raise UserError(f"--dataset {name}: not a local file and not loadable from the hub "
-                        f"({type(e).__name__}); expected a HumanEval-format JSONL or a cached "
-                        f"dataset name") from None
+    rows = hub.load_dataset("--dataset", name, split="test", expected="a HumanEval-format JSONL "
+                            "or a cached dataset name")
     return {r["task_id"]: dict(r) for r in rows}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from smdlm_cli.core import hub
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.evals.code import Problem, cut
 from smdlm_cli.evals.humaneval import ANSWER_PREFIX, END_OF_TURN, chat
@@ -64,16 +65,9 @@ def _local(path: Path) -> list[dict]:
 
 
 def _hub(name: str) -> list[dict]:
-    import datasets
-
-    try:
-        if name == DEFAULT:
-            return list(datasets.load_dataset(name, "full", split="test"))
-        return list(datasets.load_dataset(name, split="test"))
-    except Exception as e:  # offline or unknown: one line
-        raise UserError(f"--dataset {name}: not a local file and not loadable from the hub "
-                        f"({type(e).__name__}); expected an MBPP-format JSONL or a cached dataset "
-                        f"name") from None
+    args = ("full",) if name == DEFAULT else ()
+    return list(hub.load_dataset("--dataset", name, *args, split="test", expected="an MBPP-format "
+                                 "JSONL or a cached dataset name"))
 
 
 def prompt_text(problem: Problem, fmt: str, tok) -> str:

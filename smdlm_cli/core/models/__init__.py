@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from smdlm_cli.core import hub
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json, atomic_save_tensors, load_tensors
 from smdlm_cli.core.models.dit import DiT, DiTConfig
@@ -39,12 +40,9 @@ def resolve(path_or_name: str) -> Path:
                         f"MDLM directory (config.json + model.safetensors) or a hub name")
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(path_or_name, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:  # offline, unknown repository, gated: all mean "not available here"
-        raise UserError(f"{path_or_name}: weights not found locally and the hub is unreachable "
-                        f"({type(e).__name__}); download them on a connected machine or pass a "
-                        f"local directory") from None
+    return Path(hub.fetch("weights", path_or_name, lambda: snapshot_download(
+        path_or_name, allow_patterns=["*.json", "*.safetensors"]),
+        "a local model directory, or a hub name downloaded on a connected machine"))
 
 
 def read_config(model_dir: Path) -> DiTConfig | DreamConfig:

@@ -1,0 +1,133 @@
+"""What `pretrain` and `finetune` share around the loop: the run directory, the resume check, the
+fail-clean start, the progress display and the closing summary.
+
+A command supplies `setup(run_dir) -> (backbone, softmask, loader, valid batches)`; `train` does
+the rest with core/trainer.fit. Under torchrun every rank calls it; rank 0 writes and prints.
+
+Not here: how a model, tokenizer or data set is built (pretrain.py, finetune.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from smdlm_cli.core import trainer
+from smdlm_cli.core.config import Recipe
+from smdlm_cli.core.distributed import Dist, barrier, distributed
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.io import atomic_write_text
+from smdlm_cli.recipe import dump_recipe, load_recipe
+
+# Keys a resumed run may change: they alter how long and how often, never what is trained.
+RESUMABLE_CHANGES = {"train.steps", "train.save_every", "train.eval_every", "train.log_every",
+                     "train.max_forward_passes"}
+SECTIONS = ("model", "data", "softmask", "train", "finetune")
+console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files and CI logs
+
+
+def run_dir_for(recipe_path: Path, out: Path | None, resume: bool) -> Path:
+    from smdlm_cli.core import checkpoint
+
+    run_dir = out if out is not None else Path("runs") / recipe_path.stem
+    if resume:
+        if checkpoint.latest_state(run_dir) is None:
+            raise UserError(f"--resume: {run_dir} holds no saved training state to continue")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                        f"or --out DIR for a new one")
+    return run_dir
+
+
+def check_resume_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """A resumed run must train the same thing; only lengths and cadences may change."""
+    saved = load_recipe(run_dir / "recipe.toml")
+    for section in SECTIONS:
+        old, new = vars(getattr(saved, section)), vars(getattr(recipe, section))
+        for key in old:
+            name = f"{section}.{key}"
+            if old[key] != new[key] and name not in RESUMABLE_CHANGES:
+                raise UserError(f"--resume: {name} = {new[key]!r} differs from the run's "
+                                f"{old[key]!r} ({run_dir / 'recipe.toml'}); only "
+                                f"{', '.join(sorted(RESUMABLE_CHANGES))} may change")
+
+
+def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, command: str,
+          setup: Callable[[Path, bool, Dist], tuple], objective: str = "elbo",
+          publish: Callable | None = None,
+          finish: Callable[[Path, tuple, trainer.TrainResult], None] | None = None) -> Path:
+    """Check the run directory, write recipe.toml, set up, train with progress, summarise.
+
+    A run that fails before its first step (offline, bad data) leaves nothing behind, so the same
+    command works once the cause is fixed; a directory it did not create is kept.
+    """
+    with distributed(recipe.train.device) as ctx:
+        run_dir = run_dir_for(recipe_path, out, resume)
+        if resume:
+            check_resume_recipe(run_dir, recipe)
+        fresh = not run_dir.exists()
+        barrier()  # every rank has checked the directory before rank 0 writes into it
+        try:
+            if ctx.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if not resume:
+                    atomic_write_text(run_dir / "recipe.toml", dump_recipe(recipe, header=(
+                        f"smdlm {command} {run_dir / 'recipe.toml'} --out {run_dir} --resume")))
+            inputs = setup(run_dir, resume, ctx)
+        except UserError:
+            if fresh and ctx.main:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        options = {"objective": objective} | ({"publish": publish} if publish else {})
+        result = _fit_with_progress(recipe, inputs, run_dir, ctx, resume, command, options)
+        if ctx.main:
+            _summary(run_dir, result, *val_words(objective, inputs[0]))
+            if finish is not None:
+                finish(run_dir, inputs, result)
+        return run_dir
+
+
+def _fit_with_progress(recipe, inputs, run_dir, ctx, resume, name: str, options: dict):
+    backbone, softmask, loader, valid = inputs
+    args = (backbone, softmask, recipe.train, recipe.softmask, loader, valid, run_dir, ctx)
+    if not ctx.main:
+        return trainer.fit(*args, resume=resume, **options)
+    what, unit = val_words(options["objective"], backbone)
+    columns = [TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=recipe.train.steps, info="")
+
+        def on_step(rec: dict) -> None:
+            if "loss" in rec:
+                info = f"loss {rec['loss']:.3f}  {rec['tokens_per_s']:,.0f} tok/s"
+                if "scale" in rec:
+                    info += f"  ω_s {rec['scale']:.3g}"
+                progress.update(task, completed=rec["step"], info=info)
+            else:
+                bound = "≤ " if what.endswith("ELBO") else ""
+                progress.console.print(f"step {rec['step']}: {what} {rec['val_nll']:.4f} "
+                                       f"{unit} (ppl {bound}{rec['val_ppl']:.2f})")
+
+        return trainer.fit(*args, resume=resume, on_step=on_step, **options)
+
+
+def val_words(objective: str, backbone) -> tuple[str, str]:
+    """What validation measures, and its unit: an ELBO bound, or an exact NLL (AR, SFT)."""
+    if objective == "sft":
+        return "validation NLL", "nats per masked token"
+    if getattr(backbone.config, "causal", False):
+        return "validation NLL", "nats/token"
+    return "validation ELBO", "nats/token"
+
+
+def _summary(run_dir: Path, result: trainer.TrainResult, what: str, unit: str) -> None:
+    first, last = result.first_val, result.last_val
+    if first and last:
+        console.print(f"{what} {first['val_nll']:.4f} -> {last['val_nll']:.4f} {unit} after "
+                      f"{result.step} steps ({result.forwards} forward passes, {result.sm_steps} "
+                      f"soft-masked)")

@@ -1,0 +1,190 @@
+"""What a training step optimises: noise, loss and validation of the three objectives.
+
+- `Diffusion` (pretraining an MDLM): t per row, x_t ~ q(x_t | x_0), the 1/t-weighted ELBO term per
+  token, averaged over the block. Times and mask noise are drawn for the whole global batch and
+  sliced by the loader's layout (row j of micro-batch m on rank r is global row m*micro*W + j*W + r),
+  so a step's samples do not depend on how the batch is split over ranks and accumulation steps.
+- `Autoregressive` (the AR baseline): x_t is x_0, the loss is the next-token NLL.
+- `SFT` (fine-tuning, the SM paper's objective): one t ~ U(t_min, t_max) per micro-batch, only the
+  response is masked (never the prompt), with probability (1 - eps) t + eps, and the mean CE over
+  the masked tokens is weighted by 1/t.
+
+Each offers the same four calls: `begin_step` (draw the step's noise), `micro` (noise one
+micro-batch), `loss` (its share of the step's loss) and, for validation, `validation_input` /
+`terms`. `validate` runs any of them on fixed batches with fixed times and masks.
+
+Not here: the loop and the optimizer (trainer.py), the forward of the two passes (twopass.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from smdlm_cli.core import diffusion
+from smdlm_cli.core.config import TrainConfig
+from smdlm_cli.core.distributed import BatchLayout, Dist, all_reduce_sum
+from smdlm_cli.core.seeding import generator
+from smdlm_cli.core.twopass import TwoPass, autocast
+
+VALIDATION = 0x5EED  # a seed part that training steps never use
+
+
+@dataclass
+class Noised:
+    x0: Tensor
+    xt: Tensor
+    t: Tensor
+    attention: Tensor | None = None
+
+
+class Diffusion:
+    """The MDLM ELBO on packed blocks (B, L)."""
+
+    def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int):
+        self.cfg, self.layout, self.ctx = cfg, layout, ctx
+        self.mask_id, self.length = mask_id, length
+        self.times = self.noise = None
+
+    def begin_step(self, step: int) -> None:
+        cfg, lay, dev = self.cfg, self.layout, self.ctx.device
+        g = generator(dev, cfg.seed, step, 2)
+        times = diffusion.sample_t(cfg.batch_size, cfg.t_min, cfg.t_max, cfg.antithetic,
+                                   generator=g, device=dev)
+        times = times[torch.randperm(cfg.batch_size, generator=g, device=dev)]
+        noise = torch.rand(cfg.batch_size, self.length, generator=g, device=dev)
+        self.times = times.view(lay.accum, lay.micro, lay.world)
+        self.noise = noise.view(lay.accum, lay.micro, lay.world, self.length)
+
+    def micro(self, batch: Tensor, step: int, m: int) -> Noised:
+        r = self.ctx.rank
+        t = self.times[m, :, r]
+        return Noised(batch, diffusion.q_xt(batch, t, self.mask_id, u=self.noise[m, :, r]), t)
+
+    def nll(self, logits: Tensor, n: Noised) -> Tensor:
+        return diffusion.elbo_per_token(logits, n.x0, n.xt, n.t, self.mask_id)
+
+    def loss(self, logits: Tensor, n: Noised) -> Tensor:
+        return self.nll(logits, n).sum() / (self.layout.per_rank * self.length)
+
+    def validation_input(self, batch: Tensor, i: int, n_batches: int, seed: int) -> Noised:
+        g = generator(self.ctx.device, seed, VALIDATION, i, self.ctx.rank)
+        t = diffusion.sample_t(batch.shape[0], generator=g, device=self.ctx.device)
+        return Noised(batch, diffusion.q_xt(batch, t, self.mask_id, generator=g), t)
+
+    def terms(self, logits: Tensor, n: Noised) -> Tensor:
+        """(summed nll, tokens it is over, summed loss) of one validation batch."""
+        nll = self.nll(logits, n).sum()
+        return torch.stack([nll.double(), torch.tensor(n.x0.numel(), dtype=torch.float64,
+                                                       device=nll.device), nll.double()])
+
+
+class Autoregressive(Diffusion):
+    """The AR baseline on the same blocks: x_t = x_0; the exact NLL per token of the block."""
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def micro(self, batch: Tensor, step: int, m: int) -> Noised:
+        return Noised(batch, batch, torch.ones(batch.shape[0], device=batch.device))
+
+    def nll(self, logits: Tensor, n: Noised) -> Tensor:
+        return diffusion.causal_nll(logits, n.x0)
+
+    def validation_input(self, batch: Tensor, i: int, n_batches: int, seed: int) -> Noised:
+        return self.micro(batch, 0, i)
+
+
+def sft_noised(batch, t: Tensor, mask_id: int, g: torch.Generator) -> Tensor:
+    """x_t of a fine-tuning batch, as the SM paper's collator: only `maskable` positions (never the
+    prompt) are masked, each with p = (1 - eps) t + eps, and a row left without a mask gets its
+    maskable position of lowest noise masked, so every row teaches something."""
+    x0, maskable = batch.input_ids, batch.maskable
+    u = torch.rand(x0.shape, generator=g, device=x0.device)
+    xt = diffusion.q_xt(x0, t, mask_id, maskable=maskable, u=u, floor=diffusion.EPS)
+    is_mask = xt == mask_id
+    first = torch.where(maskable, u, 2.0).argmin(-1, keepdim=True)
+    forced = torch.zeros_like(is_mask).scatter_(1, first, True) & maskable & ~is_mask.any(-1, keepdim=True)
+    return torch.where(forced, torch.full_like(x0, mask_id), xt)
+
+
+def sft_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
+    """(loss, summed nll): (1/t) times the mean CE over the batch's masked tokens, as the paper."""
+    nll = diffusion.masked_nll(logits, x0, xt, mask_id).sum()
+    return nll / (xt == mask_id).sum().clamp_min(1) / t, nll
+
+
+class SFT:
+    """The fine-tuning objective on SFTBatch (input_ids, attention_mask, maskable)."""
+
+    def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int):
+        self.cfg, self.layout, self.ctx, self.mask_id = cfg, layout, ctx, mask_id
+
+    def begin_step(self, step: int) -> None:
+        pass  # each micro-batch draws its own noise: their lengths differ
+
+    def micro(self, batch, step: int, m: int) -> Noised:
+        g = generator(self.ctx.device, self.cfg.seed, step, 3, m, self.ctx.rank)
+        cfg = self.cfg
+        t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand((), generator=g, device=self.ctx.device)
+        return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
+
+    def loss(self, logits: Tensor, n: Noised) -> Tensor:
+        return sft_loss(logits, n.x0, n.xt, n.t, self.mask_id)[0] / self.layout.accum
+
+    def validation_input(self, batch, i: int, n_batches: int, seed: int) -> Noised:
+        cfg = self.cfg  # fixed times, evenly spread over [t_min, t_max]
+        t = torch.tensor(cfg.t_min + (cfg.t_max - cfg.t_min) * (i + 0.5) / n_batches,
+                         device=self.ctx.device)
+        g = generator(self.ctx.device, seed, VALIDATION, i, self.ctx.rank)
+        return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
+
+    def terms(self, logits: Tensor, n: Noised) -> Tensor:
+        loss, nll = sft_loss(logits, n.x0, n.xt, n.t, self.mask_id)
+        return torch.stack([nll.double(), (n.xt == self.mask_id).sum().double(), loss.double()])
+
+
+OBJECTIVES = {"elbo": Diffusion, "ar": Autoregressive, "sft": SFT}
+
+
+def build(name: str, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, backbone) -> Diffusion | SFT:
+    """The objective `name` for this backbone; "elbo" means the AR loss for a causal model."""
+    if name == "elbo" and getattr(backbone.config, "causal", False):
+        name = "ar"
+    return OBJECTIVES[name](cfg, layout, ctx, backbone.mask_id, backbone.config.model_length)
+
+
+@torch.no_grad()
+def validate(model: TwoPass, objective, batches: list, use_sm: bool, seed: int, precision: str,
+             on_batch: Callable[[], None] | None = None) -> dict:
+    """The objective on fixed validation batches with fixed times and masks, summed over ranks.
+
+    val_nll is nats per scored token: per token of the block for the ELBO (a bound; SM models are
+    scored two-pass, as trained, and the feedback is a deterministic function of x_t, so it stays
+    a bound) and the exact NLL for the AR baseline; per masked response token for SFT, which also
+    reports val_loss, the mean training objective.
+    """
+    ctx = objective.ctx
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+        for i, batch in enumerate(batches):
+            n = objective.validation_input(batch.to(ctx.device), i, len(batches), seed)
+            with autocast(ctx.device, precision):
+                logits = model(n.xt, use_sm=use_sm, attention_mask=n.attention)
+            total += objective.terms(logits, n)
+            if on_batch is not None:
+                on_batch()
+    finally:
+        model.train(was_training)
+    all_reduce_sum(total)
+    nll = (total[0] / total[1]).item()
+    out = {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0)), "val_bpd": nll / math.log(2)}
+    if isinstance(objective, SFT):
+        out["val_loss"] = (total[2] / (len(batches) * ctx.world)).item()
+    return out

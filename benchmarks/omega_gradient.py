@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from smdlm_cli.commands.sample import load_run
+from smdlm_cli.core import rundir
 from smdlm_cli.core import diffusion
 from smdlm_cli.core.config import SoftMaskConfig
 from smdlm_cli.core.data import build_corpus, cache_dir, valid_batches
@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, tok, softmask = load_run(args.run, torch.device("cpu"))
+    run = rundir.load(args.run)
+    model, tok, softmask = run.model, run.tokenizer, run.softmask
     recipe = load_recipe(args.run / "recipe.toml")
     softmask = softmask or SoftMask(SoftMaskConfig().k)
     _, valid = build_corpus(recipe.data, tok, model.config.model_length, cache_dir())

@@ -131,6 +131,6 @@ def test_sample_command_picks_the_ar_sampler(tmp_path):
     from smdlm_cli.commands.sample import SampleSettings, generate
 
     run = make_run(tmp_path / "ar", causal=True)
-    _, records, sidecar, trace, _ = generate(SampleSettings(ckpt=str(run), nfe=4, num_samples=2))
+    _, records, sidecar, trace = generate(SampleSettings(ckpt=str(run), nfe=4, num_samples=2))
     assert sidecar["settings"]["sampler"] == "ar" and trace is None
     assert all(r["nfe"] == 23 for r in records)

@@ -80,7 +80,7 @@ def test_local_jsonl_and_txt_sources(tmp_path, tok):
 
 
 def test_hub_dataset_offline_is_one_line_error():
-    with pytest.raises(UserError, match="data.source = 'openwebtext': dataset not available") as e:
+    with pytest.raises(UserError, match="data.source 'openwebtext': not found locally and the hub is unreachable") as e:
         list(iter_documents(DataConfig(source="openwebtext"), "train"))
     assert "\n" not in str(e.value)
 

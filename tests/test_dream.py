@@ -127,5 +127,5 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path):
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
     with pytest.raises(UserError, match="has shape"):
         load_model(str(path))
-    with pytest.raises(UserError, match="Dream-org/Dream-v0-Base-7B: weights not found locally"):
+    with pytest.raises(UserError, match="weights 'Dream-org/Dream-v0-Base-7B': not found locally and the hub is unreachable"):
         load_model("Dream-org/Dream-v0-Base-7B")

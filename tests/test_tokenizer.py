@@ -57,8 +57,18 @@ def test_a_tokenizer_without_mask_gets_one_appended(tmp_path):
     assert tok.bos_token_id == tok.eos_token_id == 0
 
 
-@pytest.mark.parametrize("name", ["gpt2-no-such-model", "./missing/dir"])
-def test_unavailable_tokenizer_is_one_line(name):
-    with pytest.raises(UserError, match="not found locally and the hub is unreachable") as e:
+@pytest.mark.parametrize("name, why", [("gpt2-no-such-model", "not found locally and the hub is unreachable"),
+                                       ("./missing/dir", "no such file or directory")])
+def test_unavailable_tokenizer_is_one_line(name, why):
+    with pytest.raises(UserError, match=why) as e:
         load_tokenizer(name)
     assert "\n" not in str(e.value)
+
+
+def test_a_corrupt_tokenizer_says_so_not_offline(tmp_path):
+    """A broken local file is not a network problem: the message is the loader's own."""
+    train_bpe(["def f(x):\n    return x\n"] * 20, 260).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+    with pytest.raises(UserError, match="cannot be read") as e:
+        load_tokenizer(str(tmp_path))
+    assert "offline" not in str(e.value) and "\n" not in str(e.value)

@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from smdlm_cli.commands import sample
+from smdlm_cli.core import rundir
+from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.generate import completion, generate
 from smdlm_cli.core.io import atomic_write_text
 from smdlm_cli.core.models import read_config
-from smdlm_cli.core.samplers import decode
 from smdlm_cli.core.tokenizer import load_tokenizer
 from smdlm_cli.evals import code, elbo as elbo_eval, genppl as genppl_eval, humaneval
 from smdlm_cli.evals import mauve as mauve_eval, mbpp
 from smdlm_cli.evals.execution import Limits
-from smdlm_cli.evals.report import console, new_report, progress, report_path, timed, write_report
+from smdlm_cli.evals.report import new_report, progress, report_path, timed, write_report
 from smdlm_cli.evals.scorer import load_scorer
+from smdlm_cli.recipe import load_recipe
 
 DEFAULT_SCORER = "gpt2-large"  # the paper's; offline, pass an AR run (recipes/quickstart-ar.toml)
 FORMATS = ("base", "instruct")
@@ -74,59 +75,32 @@ def _check_code(c: CodeSettings) -> None:
                         f"timeout and at least 64 MB")
 
 
-def complete(s: sample.SampleSettings, loaded: tuple, prompts: list[str], n: int, max_new: int,
+def complete(s: sample.SampleSettings, run: rundir.Run, prompts: list[str], n: int, max_new: int,
              on_batch=None) -> tuple[list[list[str]], dict]:
     """n generations of at most max_new tokens for each prompt: (texts[prompt][i], info).
 
-    `loaded`: (run_dir, model, tokenizer, softmask) from sample.load_run on s.device.
-
-    A row is [BOS] + prompt + max_new masks, right-padded (attention mask) to the batch's longest;
-    a prompt longer than the model's length allows is cut from the left, as Dream's evaluation.
+    A prompt longer than the model's length allows is cut from the left, as Dream's evaluation.
     Generation j of prompt i uses seed s.seed + i * n + j, whatever the batching.
     """
-    run_dir, model, tok, softmask = loaded
-    softmask = sample.choose_softmask(softmask, s.k, run_dir)
-    softmask = softmask.to(model.embedding_weight().device) if softmask is not None else None
-    length = model.config.model_length
-    if max_new > length - 2:
-        raise UserError(f"--max-new-tokens {max_new}: the model holds {length} tokens; expected at "
-                        f"most {length - 2}")
-    sampler = s.sampler or ("ar" if model.config.causal else "mdlm")
-    steps = s.nfe or max_new
-    sample.validate_sampler_args(sampler, steps=steps, **sample._sampler_options(s))
-    bos = [tok.bos_token_id] if getattr(model, "wants_bos", True) else []
-    budget = length - len(bos) - max_new
-    encoded, cut_prompts = [], 0
-    for text in prompts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        cut_prompts += len(ids) > budget
-        encoded.append(ids[-budget:])
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
-    out = [[""] * n for _ in prompts]
-    eos = tok.eos_token or ""
-    for start in range(0, len(jobs), s.batch_size):
-        batch = jobs[start:start + s.batch_size]
-        rows = [bos + encoded[i] + [model.mask_id] * max_new for i, _ in batch]
-        width = max(len(r) for r in rows)
-        pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
-        x = torch.full((len(rows), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(x)
-        for b, r in enumerate(rows):
-            x[b, :len(r)] = torch.tensor(r)
-            attn[b, :len(r)] = 1
-        result = decode(model, x, sampler=sampler, steps=steps, softmask=softmask,
-                        attention_mask=attn, generator_seeds=[s.seed + i * n + j for i, j in batch],
-                        sm_schedule=s.sm_schedule, exact=s.exact, **sample._sampler_options(s))
-        tokens = result.tokens.cpu().tolist()
-        for b, (i, j) in enumerate(batch):
-            gen = tokens[b][len(bos) + len(encoded[i]):len(rows[b])]
-            text = tok.decode(gen, skip_special_tokens=False)
-            out[i][j] = text.split(eos)[0] if eos else text
-        if on_batch is not None:
-            on_batch(len(batch))
-    info = {"run_dir": str(run_dir), "sampler": sampler, "nfe": steps, "max_new_tokens": max_new,
-            "prompts_cut": cut_prompts, "k": softmask.k if softmask else 0, "model_length": length}
+    kw = sample.decode_settings(replace(s, nfe=s.nfe or max_new), run)
+    jobs = [p for p in prompts for _ in range(n)]
+    gen = generate(run.model, run.tokenizer, jobs, max_new_tokens=max_new, cut_prompts=True,
+                   on_batch=on_batch, **kw)
+    texts = [completion(run.tokenizer, gen, j) for j in range(len(jobs))]
+    out = [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    info = {"run_dir": str(run.path), "sampler": kw["sampler"], "nfe": kw["nfe"],
+            "max_new_tokens": max_new, "prompts_cut": gen.prompts_cut // max(n, 1),
+            "k": kw["softmask"].k if kw["softmask"] else 0, "model_length": run.model.config.model_length}
     return out, info
+
+
+def run_recipe(run_dir: Path):
+    """The recipe a run was trained with (its data split and validation settings)."""
+    file = Path(run_dir) / "recipe.toml"
+    if not file.is_file():
+        raise UserError(f"{run_dir}: no recipe.toml, so its data split is unknown; expected a run "
+                        f"directory written by smdlm pretrain")
+    return load_recipe(file)
 
 
 def code_task(task: str, s: sample.SampleSettings, c: CodeSettings) -> tuple[dict, Path]:
@@ -135,7 +109,7 @@ def code_task(task: str, s: sample.SampleSettings, c: CodeSettings) -> tuple[dic
     bench = humaneval if task == "humaneval" else mbpp
     problems = _problems(task, c)
     settings = {"sampling": asdict(s), "code": asdict(c)}
-    report = new_report(task, settings, None if c.samples else sample.resolve_run(s.ckpt))
+    report = new_report(task, settings, None if c.samples else rundir.resolve(s.ckpt))
     path = report_path(task, c.out, None if c.samples else report["checkpoint"]["path"])
     if c.samples:
         samples = [x for x in code.read_samples(c.samples) if x["task_id"] in problems]
@@ -147,13 +121,12 @@ def code_task(task: str, s: sample.SampleSettings, c: CodeSettings) -> tuple[dic
             raise UserError(f"--pass-k {max(c.pass_k)}: --samples {c.samples} has only {fewest} "
                             f"sample(s) for some task; expected k <= that")
     else:
-        run_dir = Path(report["checkpoint"]["path"])
-        model, tok, softmask = sample.load_run(run_dir, sample.resolve_device(s.device))
+        run = rundir.load(report["checkpoint"]["path"], resolve_device(s.device))
         # the benchmark's length, unless the model is shorter: then half of it, the rest prompt
-        max_new = c.max_new_tokens or min(bench.MAX_NEW_TOKENS, model.config.model_length // 2)
-        prompts = [bench.prompt_text(p, c.format, tok) for p in problems.values()]
+        max_new = c.max_new_tokens or min(bench.MAX_NEW_TOKENS, run.model.config.model_length // 2)
+        prompts = [bench.prompt_text(p, c.format, run.tokenizer) for p in problems.values()]
         with timed(report, "generate"), progress(f"{task}: generate", len(prompts) * c.n) as advance:
-            texts, info = complete(s, (run_dir, model, tok, softmask), prompts, c.n, max_new, advance)
+            texts, info = complete(s, run, prompts, c.n, max_new, advance)
         report["generation"] = info
         samples = [bench.postprocess(p, t, c.format) for p, ts in zip(problems.values(), texts)
                    for t in ts]
@@ -171,12 +144,13 @@ def code_task(task: str, s: sample.SampleSettings, c: CodeSettings) -> tuple[dic
 # --- ELBO ---------------------------------------------------------------------------------------
 def elbo(ckpt: str | None, device: str, split: str, batch_size: int, batches: int, seed: int | None,
          binary: bool, out: str | None) -> tuple[dict, Path]:
-    run_dir = sample.resolve_run(ckpt)
-    dev = sample.resolve_device(device)
+    run_dir = rundir.resolve(ckpt)
+    dev = resolve_device(device)
     if split not in ("valid", "train"):
         raise UserError(f"--split {split}: expected valid or train")
-    model, tok, softmask = sample.load_run(run_dir, dev)
-    recipe = elbo_eval.run_recipe(run_dir)
+    run = rundir.load(run_dir, dev)
+    model, tok, softmask = run.model, run.tokenizer, run.softmask
+    recipe = run_recipe(run_dir)
     settings = {"split": split, "batch_size": batch_size, "batches": batches, "seed": seed,
                 "binary": binary, "device": str(dev)}
     report = new_report("elbo", settings, run_dir)
@@ -196,9 +170,9 @@ def unconditional(s: sample.SampleSettings, samples_file: str | None, task: str)
         return [r["text"] for r in records], [r.get("tokens") or [] for r in records], \
             {"samples_file": samples_file}
     with progress(f"{task}: sample", s.num_samples) as advance:
-        run_dir, records, sidecar, _, tok = sample.generate(s, on_batch=advance)
-    texts = [tok.decode(r["tokens"], skip_special_tokens=False) for r in records]
-    return texts, [r["tokens"] for r in records], {"run_dir": str(run_dir), **sidecar["timing"],
+        run, records, sidecar, _ = sample.generate(s, on_batch=advance)
+    texts = [run.tokenizer.decode(r["tokens"], skip_special_tokens=False) for r in records]
+    return texts, [r["tokens"] for r in records], {"run_dir": str(run.path), **sidecar["timing"],
                                                    "sampler": sidecar["settings"]["sampler"],
                                                    "k": sidecar["settings"]["k"]}
 
@@ -226,8 +200,8 @@ def genppl(s: sample.SampleSettings, samples_file: str | None, scorer_name: str,
            out: str | None) -> tuple[dict, Path]:
     report = new_report("genppl", {"sampling": asdict(s), "samples": samples_file,
                                    "scorer": scorer_name}, None if samples_file else
-                        sample.resolve_run(s.ckpt))
-    scorer = load_scorer(scorer_name, sample.resolve_device(s.device))
+                        rundir.resolve(s.ckpt))
+    scorer = load_scorer(scorer_name, resolve_device(s.device))
     with timed(report, "sample"):
         texts, ids, info = unconditional(s, samples_file, "genppl")
     report["generation"] = info
@@ -241,11 +215,11 @@ def genppl(s: sample.SampleSettings, samples_file: str | None, scorer_name: str,
 
 def mauve(s: sample.SampleSettings, samples_file: str | None, featurizer: str, refs_file: str | None,
           num_refs: int, score_batch: int, out: str | None) -> tuple[dict, Path]:
-    device = sample.resolve_device(s.device)
+    device = resolve_device(s.device)
     report = new_report("mauve", {"sampling": asdict(s), "samples": samples_file,
                                   "featurizer": featurizer, "refs": refs_file,
                                   "num_refs": num_refs},
-                        None if samples_file else sample.resolve_run(s.ckpt))
+                        None if samples_file else rundir.resolve(s.ckpt))
     scorer = load_scorer(featurizer, device, need_lm=False)
     with timed(report, "sample"):
         texts, _, info = unconditional(s, samples_file, "mauve")
@@ -268,6 +242,6 @@ def references(refs_file: str | None, run_dir: Path | None, n: int) -> list[str]
     if run_dir is None:
         raise UserError("--refs FILE is needed with --samples: without a run there is no data split "
                         "to take references from")
-    recipe = elbo_eval.run_recipe(run_dir)
+    recipe = run_recipe(run_dir)
     tok = load_tokenizer(str(run_dir / "tokenizer"))
     return mauve_eval.reference_texts(recipe.data, tok, read_config(run_dir).model_length, n)

@@ -130,7 +130,7 @@ def decode_stats(run_dir: Path, nfe: int, num_samples: int, seed: int, length: i
 
     settings = SampleSettings(ckpt=str(run_dir), nfe=nfe, num_samples=num_samples,
                               batch_size=num_samples, seed=seed, length=length)
-    *_, trace, _ = generate(settings, trace=True)
+    *_, trace = generate(settings, trace=True)
     clean = lambda v: None if math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
     stats = {key: [clean(v) for v in trace[key]] for key in DECODE_KEYS}
     stats["forward"] = trace["forward"]

@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from smdlm_cli.commands import evaluate, sample
+from smdlm_cli.commands.evaluate import run_recipe
+from smdlm_cli.core import rundir
+from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json, atomic_write_text, read_json
 from smdlm_cli.evals import elbo as elbo_eval, genppl as genppl_eval, mauve as mauve_eval
@@ -61,7 +64,7 @@ class SweepSettings:
 class Row:
     run_dir: Path
     decoding: str               # "binary", "SM" or "AR"
-    loaded: tuple = field(repr=False)
+    run: rundir.Run = field(repr=False)
 
     @property
     def label(self) -> str:
@@ -88,15 +91,13 @@ def _check(w: SweepSettings) -> None:
 def _rows(w: SweepSettings, device) -> list[Row]:
     rows = []
     for ckpt in w.ckpts:
-        run_dir = sample.resolve_run(ckpt)
-        model, tok, softmask = sample.load_run(run_dir, device)
-        loaded = (run_dir, model, tok, softmask)
-        if model.config.causal:
-            rows.append(Row(run_dir, "AR", loaded))
+        run = rundir.load(rundir.resolve(ckpt), device)
+        if run.model.config.causal:
+            rows.append(Row(run.path, "AR", run))
             continue
-        rows.append(Row(run_dir, "binary", loaded))
-        if softmask is not None:
-            rows.append(Row(run_dir, "SM", loaded))
+        rows.append(Row(run.path, "binary", run))
+        if run.softmask is not None:
+            rows.append(Row(run.path, "SM", run))
     return rows
 
 
@@ -116,7 +117,8 @@ def _settings(w: SweepSettings, row: Row, nfe: int, seed_index: int) -> sample.S
 def _cell(w: SweepSettings, row: Row, nfe: int, seed_index: int, scorer, ref_features,
           advance) -> dict:
     s = _settings(w, row, nfe, seed_index)
-    _, records, sidecar, _, tok = sample.generate(s, loaded=row.loaded, on_batch=advance)
+    _, records, sidecar, _ = sample.generate(s, run=row.run, on_batch=advance)
+    tok = row.run.tokenizer
     texts = [tok.decode(r["tokens"], skip_special_tokens=False) for r in records]
     cell = {"nfe": records[0]["nfe"], "seed": s.seed, "k": sidecar["settings"]["k"],
             "tokens_per_s": sidecar["timing"]["tokens_per_s"]}
@@ -131,9 +133,9 @@ def _cell(w: SweepSettings, row: Row, nfe: int, seed_index: int, scorer, ref_fea
 
 
 def _elbo(row: Row, device) -> float:
-    run_dir, model, tok, softmask = row.loaded
-    sm = softmask.to(device) if row.decoding == "SM" else None
-    return elbo_eval.elbo(model, sm, tok, elbo_eval.run_recipe(run_dir), device)["nll"]
+    run = row.run
+    sm = run.softmask.to(device) if row.decoding == "SM" else None
+    return elbo_eval.elbo(run.model, sm, run.tokenizer, run_recipe(run.path), device)["nll"]
 
 
 def _summarise(seeds: list[dict], metrics: list[str]) -> dict:
@@ -153,7 +155,7 @@ def _mean_se(values: list[float]) -> tuple[float, float | None]:
 
 def run(w: SweepSettings) -> tuple[dict, Path]:
     _check(w)
-    device = sample.resolve_device(w.device)
+    device = resolve_device(w.device)
     out = Path(w.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; expected a directory for sweep.json/md/png")

@@ -48,9 +48,10 @@ def fetch(what: str, name: str, load: Callable[[], T], expected: str) -> T:
     except UserError:
         raise
     except Exception as e:
-        local = Path(name).exists() or name.startswith((".", "/", "~"))
-        if local:
+        if Path(name).exists():
             why = f"cannot be read ({_reason(e)})"
+        elif name.startswith((".", "/", "~")):
+            why = "no such file or directory"
         elif _unreachable(e) or (offline() and isinstance(e, OSError)):
             why = f"not found locally and the hub is unreachable (offline?) ({type(e).__name__})"
         else:

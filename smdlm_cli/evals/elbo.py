@@ -11,7 +11,6 @@ Not here: the data pipeline or the ELBO itself (core/).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -19,16 +18,6 @@ from smdlm_cli.core import objectives
 from smdlm_cli.core.distributed import Dist, batch_layout
 from smdlm_cli.core.twopass import TwoPass
 from smdlm_cli.core.data import build_corpus, cache_dir, valid_batches
-from smdlm_cli.core.errors import UserError
-from smdlm_cli.recipe import load_recipe
-
-
-def run_recipe(run_dir: Path):
-    file = Path(run_dir) / "recipe.toml"
-    if not file.is_file():
-        raise UserError(f"{run_dir}: no recipe.toml, so its data split is unknown; expected a run "
-                        f"directory written by smdlm pretrain")
-    return load_recipe(file)
 
 
 def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid",

@@ -23,39 +23,14 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
+from smdlm_cli.core.models.dit import build_dit
 from smdlm_cli.core.samplers import SAMPLERS, decode
 from smdlm_cli.core.softmask import SoftMask
 
 
-class StandIn(nn.Module):
-    """A DiT-shaped Denoiser (no time conditioning) for when the real DiT is not importable."""
-
-    def __init__(self, vocab_size: int, hidden: int, blocks: int, heads: int):
-        super().__init__()
-        self.vocab_size, self.mask_id = vocab_size, vocab_size - 1
-        self.embed = nn.Embedding(vocab_size, hidden)
-        layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout=0.0,
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, blocks, enable_nested_tensor=False)
-        self.head = nn.Linear(hidden, vocab_size)
-
-    def embedding_weight(self):
-        return self.embed.weight
-
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None):
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        pad = None if attention_mask is None else ~attention_mask.bool()
-        return self.head(self.blocks(h, src_key_padding_mask=pad))
-
-
 def build_model(args, device):
     torch.manual_seed(0)
-    try:
-        from smdlm_cli.core.models.dit import build_dit
-    except ImportError:
-        return StandIn(args.vocab, args.hidden, args.blocks, args.heads).to(device), "stand-in"
     model = build_dit("tiny", args.vocab, args.vocab - 1, args.length, hidden_dim=args.hidden,
                       n_blocks=args.blocks, n_heads=args.heads, dropout=0.0)
     return model.to(device), "DiT"

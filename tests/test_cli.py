@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import smdlm_cli
 import smdlm_cli.commands
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core.errors import UserError
 
 runner = CliRunner()
@@ -182,7 +182,7 @@ def test_real_process_bad_recipe(tmp_path):
 
 
 def test_importing_the_app_does_not_import_torch():
-    code = "import sys, smdlm_cli.app; print('torch' in sys.modules)"
+    code = "import sys, smdlm_cli.cli.app; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout == "False\n", proc.stderr
 
@@ -198,7 +198,7 @@ def test_torchrun_workers_exit_without_finalizing(tmp_path, world, args, code, s
     # can abort the process; it keeps its exit code and its buffered output.
     (tmp_path / "bad.toml").write_text("[train]\nsteps = 3\nbatch_size = 4\nlr = true\n")
     script = ("import atexit, sys; atexit.register(lambda: print('finalized', file=sys.stderr)); "
-              f"sys.argv = ['smdlm'] + {args!r}; from smdlm_cli.app import main; main()")
+              f"sys.argv = ['smdlm'] + {args!r}; from smdlm_cli.cli.app import main; main()")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "WORLD_SIZE": world})
     assert proc.returncode == code

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from runs import make_run, tokenizer
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.evals import code, humaneval, mbpp
 from smdlm_cli.evals.execution import Limits

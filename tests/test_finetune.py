@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from dream_fixtures import write_chat_base
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core import objectives, sft
 from smdlm_cli.core.config import DataConfig
 from smdlm_cli.core.errors import UserError

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from runs import make_run
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core.softmask import SoftMask
 
 runner = CliRunner()

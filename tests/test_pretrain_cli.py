@@ -90,7 +90,7 @@ def test_every_shipped_recipe_loads(recipe):
 def test_owt_recipes_fail_fast_offline(recipe, missing, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from smdlm_cli.app import app
+    from smdlm_cli.cli.app import app
 
     monkeypatch.chdir(tmp_path)
     start = time.time()

@@ -257,3 +257,18 @@ def test_readme_command_runs(command, workdir):
     if argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
     EXERCISED[command](run(argv, workdir), workdir)
+
+
+def test_readme_python_api_example_runs(tmp_path):
+    """README's Python API block, run as printed in a scratch directory."""
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert len(code) == 1
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    check = (code[0] + "\nassert len(completions) == 2 and all(isinstance(t, str) for t in completions)"
+             "\nassert len(binary) == 2 and run.softmask is not None"
+             "\nimport json, math\nlast = [json.loads(x) for x in (run_dir / 'metrics.jsonl')"
+             ".read_text().splitlines() if 'val_nll' in x][-1]"
+             "\nassert math.isclose(report['nll'], last['val_nll'], abs_tol=1e-6)\n")
+    result = run([sys.executable, "-c", check], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "runs" / "api" / "model.safetensors").exists()

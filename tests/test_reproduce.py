@@ -12,8 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from smdlm_cli.commands import reproduce, results, sweep
+from smdlm_cli.commands import sweep
+from smdlm_cli.commands.inspect_lambda import entropy_at
+from smdlm_cli.core.softmask import SoftMask
+from smdlm_cli.reproduce import chain as driver, report as results, report_lambda, stages as reproduce
+from smdlm_cli.reproduce.outputs import training_summary
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json, read_json
 
@@ -52,7 +57,7 @@ def test_every_stage_ran_once_and_is_recorded(chain):
 
 def test_continuations_start_from_the_base_on_equal_data(chain):
     plan = reproduce.load_plan(CPU, str(chain / "runs"), smoke=True)
-    s = {n: results.training_summary(plan, n) for n in reproduce.CONTINUATIONS}
+    s = {n: training_summary(plan, n) for n in reproduce.CONTINUATIONS}
     for name in reproduce.CONTINUATIONS:
         assert s[name]["recipe"].model.init == "runs/base"  # the --runs given, relative
         # the same initial weights and validation batches: the step-0 ELBO is the same number
@@ -66,7 +71,7 @@ def test_continuations_start_from_the_base_on_equal_data(chain):
     base = json.loads((chain / "runs" / "base" / "tokenizer" / "tokenizer.json").read_text())
     assert ar["model"]["vocab"] == base["model"]["vocab"]  # one tokenizer for scorer and models
     # the diagnostic: sm-iso-update's run with omega_s starting at 0.5 instead of 1e-6
-    on = results.training_summary(plan, "sm-on")
+    on = training_summary(plan, "sm-on")
     assert on["recipe"].model.init == "runs/base" and on["steps"] == s["binary"]["steps"]
     assert on["omega"]["scale"][0] == pytest.approx(0.5, abs=0.05)
     assert s["sm-iso-update"]["omega"]["scale"][0] < 1e-4
@@ -133,11 +138,12 @@ def test_report_follows_the_outputs_and_nothing_reruns(chain, tmp_path):
 
 
 def test_median_entropy_inverts_lambda():
-    scale, centre, steep = 0.4, -0.7, 6.0
-    lam = [scale / (1 + math.exp(-steep * (-h - centre))) for h in (3.0, 5.0)]
-    info = {"scale": scale, "centre": centre, "steepness": steep,
-            "decode": {"lam_q50": [0.0, *lam, float("nan")]}}  # step 0 feeds nothing back
-    assert results._median_entropy(info) == pytest.approx(4.0)
+    sm = SoftMask(k=3, scale=0.4, centre=-0.7, steepness=6.0)
+    lam = [float(sm.lam_from_entropy(torch.tensor(h)).detach()) for h in (3.0, 5.0)]
+    assert [entropy_at(sm, q) for q in lam] == pytest.approx([3.0, 5.0], rel=1e-4)
+    assert entropy_at(sm, 0.0) is None  # step 0 feeds nothing back
+    info = {"decode": {"entropy_q50": [None, *(entropy_at(sm, q) for q in lam)]}}
+    assert report_lambda._median_entropy(info) == pytest.approx(4.0, rel=1e-4)
 
 
 def test_lambda_diagnostics_of_the_chain_are_consistent(chain):
@@ -146,8 +152,8 @@ def test_lambda_diagnostics_of_the_chain_are_consistent(chain):
     for name in reproduce.SM_RUNS:
         info = read_json(chain / "runs" / "lambda" / f"{name}.json")
         # an entropy over the vocabulary: between 0 and log V (λ fed back with the run's own ω)
-        assert 0 <= results._median_entropy(info) <= math.log(vocab) + 1e-3
-        final = results.training_summary(plan, name)["omega"]["scale"][-1]
+        assert 0 <= report_lambda._median_entropy(info) <= math.log(vocab) + 1e-3
+        final = training_summary(plan, name)["omega"]["scale"][-1]
         assert info["scale"] == pytest.approx(final, rel=1e-3)
 
 
@@ -172,7 +178,7 @@ def test_training_restarts_a_run_killed_before_its_first_save(tmp_path):
     out.mkdir(parents=True)
     (out / "metrics.jsonl").write_text("{}\n")
     argv = reproduce.commands(plan, "binary")[0]
-    assert reproduce._prepare_training(plan, "binary", argv) == argv and not out.exists()
+    assert driver._prepare_training(plan, "binary", argv) == argv and not out.exists()
 
 
 def test_cpu_and_gpu_directories_load():

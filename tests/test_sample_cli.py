@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from runs import LENGTH, make_run, tokenizer
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core.softmask import SoftMask
 
 runner = CliRunner()

@@ -43,7 +43,7 @@ def test_forward_equals_dense_formula(k):
     got = sm(ids, logits, weight, MASK)
     want, lam_want = dense_reference(ids, logits, weight, k, 0.7, -1.3, 2.5)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sm.lam(logits, ids == MASK, MASK).double(), lam_want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sm.feedback(logits, ids == MASK, mask_id=MASK)[0].double(), lam_want, rtol=1e-5, atol=1e-6)
 
 
 def test_temperature_variant_equals_dense_formula():
@@ -62,7 +62,7 @@ def test_lambda_bounds_and_zero_off_mask():
     logits = torch.randn(B, L, V, generator=g) * 10
     for scale in (0.0, 1e-6, 0.3, 1.0):
         sm = SoftMask(scale=scale)
-        lam = sm.lam(logits, ids == MASK)
+        lam = sm.feedback(logits, ids == MASK)[0]
         assert (lam >= 0).all() and (lam <= scale + 1e-7).all()
         assert (lam[ids != MASK] == 0).all()
 

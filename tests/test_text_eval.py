@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from runs import tokenizer
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.evals import genppl, mauve
 from smdlm_cli.evals.scorer import load_scorer

@@ -124,21 +124,35 @@ def plot_decode(stats: dict, file: Path) -> None:
     plt.close(fig)
 
 
-def decode_stats(run_dir: Path, nfe: int, num_samples: int, seed: int, length: int | None) -> dict:
-    """λ statistics per decoding step of an mdlm sampling pass with SM feedback."""
-    from smdlm_cli.commands.sample import SampleSettings, generate
+def decode_stats(run_dir: Path, sampling) -> dict:
+    """λ statistics per decoding step of a sampling pass (SampleSettings) with SM feedback."""
+    from dataclasses import replace
 
-    settings = SampleSettings(ckpt=str(run_dir), nfe=nfe, num_samples=num_samples,
-                              batch_size=num_samples, seed=seed, length=length)
+    from smdlm_cli.commands.sample import generate
+
+    settings = replace(sampling, ckpt=str(run_dir), batch_size=sampling.num_samples)
     *_, trace = generate(settings, trace=True)
     clean = lambda v: None if math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
     stats = {key: [clean(v) for v in trace[key]] for key in DECODE_KEYS}
     stats["forward"] = trace["forward"]
+    softmask = checkpoint.load_softmask(run_dir)
+    stats["entropy_q50"] = [None if q is None else entropy_at(softmask, q) for q in stats["lam_q50"]]
     return stats
 
 
-def run(target: str | None, png: Path | None, decode: bool, nfe: int, num_samples: int,
-        seed: int, length: int | None, decode_png: Path | None) -> tuple[dict, Path]:
+def entropy_at(softmask: SoftMask, lam: float) -> float | None:
+    """The entropy H at which λ(H) = lam (λ is monotone in H): the median entropy of what was fed
+    back, from λ's median. None where lam is 0 or ω_s (nothing fed back, or saturated)."""
+    with torch.no_grad():
+        scale, centre, steep = float(softmask.scale), float(softmask.centre), float(softmask.steepness)
+    if not 0 < lam < scale:
+        return None
+    p = lam / scale
+    return -centre - (math.log(p) - math.log1p(-p)) / steep
+
+
+def run(target: str | None, *, png: Path | None = None, decode: bool = False, sampling=None,
+        decode_png: Path | None = None) -> tuple[dict, Path]:
     """The report (the `--json` output) and the checkpoint it describes; writes the PNGs."""
     path, softmask, vocab, is_run = load_target(target)
     info = describe(softmask, vocab)
@@ -149,7 +163,7 @@ def run(target: str | None, png: Path | None, decode: bool, nfe: int, num_sample
     if decode:
         if not is_run:
             raise UserError(f"--decode: {path} is a JSON file; expected a run directory (it samples)")
-        info["decode"] = decode_stats(path, nfe, num_samples, seed, length)
+        info["decode"] = decode_stats(path, sampling)
         decode_png = decode_png or base / "lambda-decode.png"
         plot_decode(info["decode"], decode_png)
         err.print(f"λ over decoding steps written to {decode_png}")

@@ -96,7 +96,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_state(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
-               trainer: dict, keep: int = 1) -> Path:
+               trainer: dict) -> Path:
     """Write state/step-NNNNNNN/ completely, then point state/latest at it, then prune old ones."""
     state_root = run_dir / STATE
     d = state_root / f"step-{step:07d}"
@@ -110,7 +110,7 @@ def save_state(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
         atomic_save_tensors(d / "ema.safetensors", ema)
     atomic_write_json(d / "trainer.json", {**trainer, "step": step})
     atomic_write_text(state_root / "latest", d.name + "\n")
-    for old in sorted(state_root.glob("step-*"))[:-keep]:
+    for old in sorted(state_root.glob("step-*"))[:-1]:
         if old.name != d.name:
             shutil.rmtree(old, ignore_errors=True)
     return d

@@ -9,7 +9,7 @@ What this is not: the TOML parser (recipe.py) or any logic that uses the values.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -150,8 +150,3 @@ class Recipe:
     softmask: SoftMaskConfig = field(default_factory=SoftMaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-
-def field_docs(cls) -> dict[str, str]:
-    """key -> one-line doc, for help texts and generated documentation."""
-    return {f.name: f.metadata.get("doc", "") for f in fields(cls)}

@@ -151,11 +151,6 @@ class SoftMask(nn.Module):
         pi = torch.softmax(top_logp, dim=-1)  # = p_i / sum_{top-k} p_j
         return lam, top_idx, pi
 
-    def lam(self, logits: Tensor, is_mask: Tensor, mask_id: int | None = None) -> Tensor:
-        """lambda per position (B, L); 0 where not masked. mask_id as in `feedback`."""
-        _, entropy = self._log_probs_and_entropy(logits, mask_id=mask_id)
-        return self.lam_from_entropy(entropy) * is_mask.to(entropy.dtype)
-
     @staticmethod
     def mix(input_ids: Tensor, lam: Tensor, top_idx: Tensor, pi: Tensor,
             embedding_weight: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""`smdlm reproduce DIR`: the paper's main experiment at small scale, as a resumable chain of smdlm
+"""The plan of `smdlm reproduce DIR` (what runs, in which order, with which commands): the paper's main experiment at small scale, as a resumable chain of smdlm
 commands.
 
 DIR holds base.toml (a binary MDLM trained from scratch), ar.toml (the AR scorer and reference
@@ -16,31 +16,25 @@ stages, in order:
                     entropy, MAUVE (and ELBO, in the first sweep) at NFE L/16, L/8, L/4, L/2, L
   sm-on-sweep       the same for sm-on with the first sampler: apart from the main table
   report            the Markdown report and its figures, computed from the outputs above
-                    (commands/results.py)
+                    (reproduce/report.py)
 
 Every stage but the report runs the smdlm command line in a subprocess, exactly as a user would,
 and is recorded in RUNS/stages.json (its commands and wall seconds) when it finishes; a finished
 stage is skipped, so the same command resumes an interrupted chain. `--smoke` shrinks everything
 (a few steps of a tiny model, a handful of samples) to check the chain end to end in minutes.
+
+This module only plans: chain.py runs the stages, report.py writes the report. Both import this;
+neither imports the other's internals, so there is no cycle.
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
-import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
-from smdlm_cli.core.checkpoint import latest_state
 from smdlm_cli.core.config import Recipe, ReproduceConfig
 from smdlm_cli.core.errors import UserError
-from smdlm_cli.core.io import atomic_write_bytes, atomic_write_json, read_json
 from smdlm_cli.recipe import load_recipe, load_table
 
 TRAIN = ("base", "ar", "binary", "sm-iso-update", "sm-iso-compute", "sm-on")
@@ -217,93 +211,3 @@ def shown(argv: list[str]) -> str:
     return "smdlm " + shlex.join(argv)
 
 
-def _machine() -> dict:
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def _cpu_model() -> str:
-    # float results on CPU can differ between processors (kernels chosen per instruction set)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _call(argv: list[str], stage: str, stdout_file: Path | None = None) -> None:
-    print(f"[{stage}] {shown(argv)}", file=sys.stderr, flush=True)
-    result = subprocess.run([sys.executable, "-m", "smdlm_cli", *argv],
-                            stdout=subprocess.PIPE if stdout_file else None)
-    if result.returncode != 0:
-        raise UserError(f"stage {stage}: `{shown(argv)}` exited with code {result.returncode}; "
-                        f"run the same reproduce command again to resume")
-    if stdout_file is not None:
-        atomic_write_bytes(stdout_file, result.stdout)
-
-
-def _prepare_training(plan: Plan, stage: str, argv: list[str]) -> list[str]:
-    """Resume a run an earlier attempt left behind; one killed before its first save starts over."""
-    out = plan.runs / stage
-    if latest_state(out) is not None:
-        return argv + ["--resume"]
-    if out.is_dir() and any(out.iterdir()):
-        print(f"[{stage}] {out} holds no saved state (stopped before its first save): starting "
-              f"it over", file=sys.stderr)
-        shutil.rmtree(out)
-    return argv
-
-
-def run_stage(plan: Plan, stage: str) -> list[str]:
-    """Run one stage (not the report); returns the commands it ran, as shown to users."""
-    ran = []
-    for argv in commands(plan, stage):
-        if stage in TRAIN:
-            argv = _prepare_training(plan, stage, argv)
-        # inspect-lambda --json prints its report on stdout: kept as lambda/<run>.json
-        json_out = plan.runs / "lambda" / f"{Path(argv[1]).name}.json" if stage == "lambda" else None
-        _call(argv, stage, json_out)
-        ran.append(shown(argv) + (f" > {json_out}" if json_out else ""))
-    return ran
-
-
-def run(directory: str | Path, stages: list[str] | None = None, runs: str | None = None,
-        report: str | None = None, smoke: bool = False) -> Path | None:
-    """Run the chain (or the named stages, in chain order); returns the report's path, or None
-    when the report was not among the stages."""
-    plan = load_plan(directory, runs, report, smoke)
-    for s in stages or []:
-        if s not in plan.stages:
-            raise UserError(f"--stage {s}: unknown stage; expected one of {', '.join(plan.stages)}")
-    todo = [s for s in plan.stages if not stages or s in stages]
-    record_file = plan.runs / "stages.json"
-    record = read_json(record_file) if record_file.is_file() else {"stages": {}}
-    record.update(directory=str(plan.directory), smoke=smoke, machine=_machine())
-    done = record["stages"]
-    for stage in todo:
-        if stage == "report":
-            continue
-        if stage in done:
-            print(f"[{stage}] done earlier ({done[stage]['seconds']:.0f} s): skipped", file=sys.stderr)
-            continue
-        missing = [n for n in needs(plan, stage) if n not in done and n not in todo]
-        if missing:
-            raise UserError(f"--stage {stage}: needs the outputs of stage {', '.join(missing)}; "
-                            f"run it first (or leave out --stage)")
-        began = time.perf_counter()
-        ran = run_stage(plan, stage)
-        done[stage] = {"commands": ran, "seconds": time.perf_counter() - began,
-                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "machine": record["machine"]}  # a resumed chain may change machines
-        atomic_write_json(record_file, record)
-    if "report" in todo:
-        from smdlm_cli.commands import results
-
-        return results.write(plan, record)
-    return None

@@ -131,7 +131,8 @@ def test_loader_resumes_exactly():
         BlockLoader(rows(), 12, seed=0, world=2)
 
 
-def test_valid_batches_are_fixed_and_sharded():
-    batches = valid_batches(rows(10), 2, 3, rank=1, world=2)  # 10 rows: only 2 global batches of 4
-    assert [b[:, 0].tolist() for b in batches] == [[4, 12], [20, 28]]
+def test_valid_batches_are_fixed_and_global():
+    """The same batches for any number of ranks: validation shards rows only after the noise."""
+    batches = valid_batches(rows(10), 4, 3)  # 10 rows: only 2 batches of 4
+    assert [b[:, 0].tolist() for b in batches] == [[0, 4, 8, 12], [16, 20, 24, 28]]
     assert len(valid_batches(rows(3), 4, 5)) == 1  # fewer rows than a batch: one short batch

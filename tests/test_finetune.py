@@ -1,7 +1,9 @@
 """Fine-tuning: SFT data, the SM paper's noise and loss, DoRA + SM runs on a tiny Dream checkpoint."""
 
 import json
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +196,43 @@ def test_finetuned_run_samples_and_evaluates(tmp_path, base, data):
     assert bad.exit_code == 2 and "cache = 'disk', expected one of none, prefix, dual" in bad.stderr
     bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "-o", "threshold"])
     assert bad.exit_code == 2 and "--option threshold: expected KEY=VALUE" in bad.stderr
+
+
+def test_resume_compares_the_finetune_table(tmp_path):
+    """A changed adapter rank on --resume is a one-line error, not a RuntimeError deep in peft."""
+    from smdlm_cli.commands.training import check_resume_recipe
+    from smdlm_cli.recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe("recipes/tiny-dream.toml")
+    (tmp_path / "recipe.toml").write_text(dump_recipe(recipe))
+    check_resume_recipe(tmp_path, load_recipe("recipes/tiny-dream.toml", ["train.steps=999"]))
+    for change in ("finetune.r=4", "finetune.pad_jitter=3"):
+        with pytest.raises(UserError, match=f"--resume: {change.split('=')[0]} = "):
+            check_resume_recipe(tmp_path, load_recipe("recipes/tiny-dream.toml", [change]))
+
+
+def test_publish_never_leaves_the_run_without_an_adapter(tmp_path, monkeypatch):
+    """Each file is renamed over the old one; a failure half-way keeps a complete adapter."""
+    from smdlm_cli.commands import finetune
+
+    class Adapter:
+        def __init__(self, version):
+            self.version = version
+
+        def save_pretrained(self, path, safe_serialization=True):
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                (Path(path) / name).write_text(self.version)
+
+    finetune.publish(Adapter("v1"), tmp_path)
+    real = os.replace
+
+    def fail_on_weights(src, dst):
+        if str(dst).endswith(".safetensors"):
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(finetune.os, "replace", fail_on_weights)
+    with pytest.raises(OSError):
+        finetune.publish(Adapter("v2"), tmp_path)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "v1"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter-")]

@@ -79,3 +79,15 @@ def test_decode_traces_lambda_per_step(run, tmp_path):
     assert later and all(0 < v <= 0.6 for v in later)  # bounded by the scale
     assert all(q10 <= q90 for q10, q90 in zip(d["lam_q10"], d["lam_q90"]) if q10 is not None)
     assert (tmp_path / "d.png").read_bytes()[:8] == PNG
+    # the median entropy fed back, recorded per step: λ(H) at it gives back λ's median
+    sm = SoftMask(k=2, scale=0.6, centre=-3.0, steepness=1.5)
+    for q, h in zip(d["lam_q50"], d["entropy_q50"]):
+        if h is not None:
+            assert 0 <= h and float(sm.lam_from_entropy(torch.tensor(h)).detach()) == pytest.approx(q, rel=1e-4)
+
+
+def test_ckpt_option_names_the_run_like_every_command(run):
+    """--ckpt is accepted as everywhere else; the positional form stays an alias."""
+    assert report("--ckpt", str(run)) == report(str(run))
+    clash = runner.invoke(app, ["inspect-lambda", str(run), "--ckpt", str(run / "other")])
+    assert clash.exit_code == 2 and "name the run once" in clash.stderr

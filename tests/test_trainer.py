@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from smdlm_cli.core import checkpoint, trainer
+from smdlm_cli.core import checkpoint, objectives, trainer
+from smdlm_cli.core.twopass import TwoPass
 from smdlm_cli.core.distributed import Dist, batch_layout, distributed
 from smdlm_cli.core.ema import EMA
 from smdlm_cli.core.config import SoftMaskConfig, TrainConfig
@@ -174,5 +175,37 @@ def test_two_process_gloo_ranks_end_identical(tmp_path):
         assert torch.equal(a[k], b[k]), k
     before = setup(True)[0].state_dict()
     assert not torch.equal(a["b.blocks.0.attn_qkv.weight"], before["blocks.0.attn_qkv.weight"])
+    # validation does not depend on the number of ranks: step 0 equals a single process's
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    backbone, softmask, cfg = setup(True, steps=6, batch_size=4, eval_every=3, save_every=3)
+    ctx = Dist()
+    objective = objectives.build("elbo", cfg, batch_layout(cfg, 1), ctx, backbone)
+    alone = objectives.validate(TwoPass(backbone, softmask), objective, [corpus(4).long()], True,
+                                cfg.seed, cfg.precision)
+    assert records[0]["step"] == 0
+    assert records[0]["val_nll"] == pytest.approx(alone["val_nll"], rel=1e-6)
     assert math.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
                          ["val_nll"])
+
+
+def test_validation_restores_train_mode_when_it_fails():
+    backbone, softmask, cfg = setup(False)
+    model = TwoPass(backbone, None).train()
+    objective = objectives.build("elbo", cfg, batch_layout(cfg, 1), Dist(), backbone)
+    with pytest.raises(IndexError):  # ids beyond the vocabulary fail inside the forward
+        objectives.validate(model, objective, [torch.full((2, L), V + 5)], False, 0, "fp32")
+    assert model.training and backbone.training
+
+
+def test_the_run_records_its_sm_steps_and_batch_layout(tmp_path):
+    """Counted by the trainer, not re-derived by a report: with micro-batches the forwards of a
+    step are 2·accum (SM) or accum (binary), and sm_steps counts the SM steps themselves."""
+    run(tmp_path, True, steps=12, log_every=1, micro_batch_size=4)
+    logs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)]
+    sm = sum(r["sm"] for r in logs)
+    assert 0 < sm < 12 and [r["sm_steps"] for r in logs][-1] == sm
+    assert logs[-1]["forwards"] == 2 * (12 + sm)  # accum = 2
+    state = checkpoint.load_state(checkpoint.latest_state(tmp_path))["trainer"]
+    assert state["sm_steps"] == sm
+    assert state["layout"] == {"world": 1, "per_rank": 8, "micro": 4, "accum": 2}

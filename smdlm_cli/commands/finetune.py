@@ -23,7 +23,7 @@ import torch
 from smdlm_cli.commands.training import console, train
 from smdlm_cli.core import checkpoint, sft
 from smdlm_cli.core.config import Recipe
-from smdlm_cli.core.distributed import Dist, barrier, batch_layout
+from smdlm_cli.core.distributed import Dist, barrier, batch_layout, validation_batch
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json
 from smdlm_cli.core.models import load_model, save_model
@@ -134,7 +134,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):
     pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
     loader = sft.SFTLoader(train_items, micro, t.seed, pad, f.pad_supervised, f.pad_jitter,
                            ctx.rank, ctx.world)
-    valid = sft.valid_batches(valid_items, micro, t.eval_batches, pad, f.pad_supervised)
+    valid = sft.valid_batches(valid_items, validation_batch(t), t.eval_batches, pad, f.pad_supervised)
     if ctx.main:
         n = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
         console.print(f"{f.method} r={f.r} on {', '.join(f.target_modules)}: {n / 1e6:.2f}M trainable "

@@ -18,7 +18,7 @@ from smdlm_cli.core import checkpoint
 from smdlm_cli.core.config import Recipe
 from smdlm_cli.core.data import (BlockLoader, build_corpus, cache_dir, iter_documents,
                                  valid_batches)
-from smdlm_cli.core.distributed import Dist, barrier, batch_layout
+from smdlm_cli.core.distributed import Dist, barrier, batch_layout, validation_batch
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.models import load_model, load_state_into
 from smdlm_cli.core.models.dit import build_dit
@@ -106,7 +106,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):
         train_blocks, valid_blocks = build_corpus(recipe.data, tok, length, cache_dir())
     micro = batch_layout(recipe.train, ctx.world).micro
     loader = BlockLoader(train_blocks, micro, recipe.train.seed, ctx.rank, ctx.world)
-    valid = valid_batches(valid_blocks, micro, recipe.train.eval_batches, ctx.rank, ctx.world)
+    valid = valid_batches(valid_blocks, validation_batch(recipe.train), recipe.train.eval_batches)
     if ctx.main:
         kind = ("AR (causal) LM" if backbone.config.causal else
                 "soft-masked MDLM" if softmask is not None else "binary MDLM")

@@ -24,6 +24,7 @@ from smdlm_cli.core import hub
 from smdlm_cli.core.config import DataConfig
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_save_tensors, load_tensors
+from smdlm_cli.core.loader import ShardedLoader, validation_chunks
 
 STDLIB = "python-stdlib"
 _BUCKETS = 10_000
@@ -157,52 +158,20 @@ def build_corpus(cfg: DataConfig, tok, length: int, cache_dir: Path) -> tuple[Te
     return out["train"], out["valid"]
 
 
-class BlockLoader:
-    """Endless shuffled batches; rank r of W takes rows r::W of each global batch.
+class BlockLoader(ShardedLoader):
+    """Endless shuffled (B, L) batches of packed blocks, rank-sharded and resumable (loader.py)."""
 
-    Epoch e uses the permutation of a generator seeded seed·1_000_003 + e, so the order depends
-    only on (seed, epoch), and `state_dict()` (epoch, position) is all a resume needs.
-    """
+    what = "training blocks"
 
     def __init__(self, blocks: Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if blocks.shape[0] < batch_size * world:
-            raise UserError(f"{blocks.shape[0]} training blocks cannot fill a batch of "
-                            f"{batch_size * world}; expected more data or a smaller train.batch_size")
-        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
-        self.rank, self.world = rank, world
-        self.epoch, self.pos = 0, 0
-        self._perm = self._permutation()
+        self.blocks = blocks
+        super().__init__(blocks.shape[0], batch_size, seed, rank, world)
 
-    def _permutation(self) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.blocks.shape[0], generator=g)
-
-    def next_batch(self) -> Tensor:
-        span = self.batch_size * self.world
-        if self.pos + span > len(self._perm):  # the epoch's incomplete tail is dropped
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._perm = self._permutation()
-        rows = self._perm[self.pos: self.pos + span][self.rank:: self.world]
-        self.pos += span
+    def fetch(self, rows: list[int]) -> Tensor:
         return self.blocks[rows].long()
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._perm = self._permutation()
-
-
-def valid_batches(blocks: Tensor, batch_size: int, n_batches: int, rank: int = 0,
-                  world: int = 1) -> list[Tensor]:
-    """The first n_batches global batches of the validation blocks, in order, rank-sharded."""
-    span = batch_size * world
-    n = min(n_batches, blocks.shape[0] // span)
-    if n == 0:  # less than one global batch: share what there is
-        per_rank = blocks.shape[0] // world
-        if per_rank == 0:
-            raise UserError(f"{blocks.shape[0]} validation blocks for {world} processes; expected "
-                            f"more validation data")
-        return [blocks[: per_rank * world][rank::world].long()]
-    return [blocks[i * span:(i + 1) * span][rank::world].long() for i in range(n)]
+def valid_batches(blocks: Tensor, batch_size: int, n_batches: int) -> list[Tensor]:
+    """The first n_batches batches of the validation blocks, in order (loader.validation_chunks)."""
+    return [blocks[c.start:c.stop].long() for c in validation_chunks(blocks.shape[0], batch_size,
+                                                                      n_batches)]

@@ -62,6 +62,12 @@ def batch_layout(cfg: TrainConfig, world: int) -> BatchLayout:
     return BatchLayout(world=world, per_rank=per_rank, micro=micro, accum=per_rank // micro)
 
 
+def validation_batch(cfg: TrainConfig) -> int:
+    """Rows per validation batch: the single-process micro-batch, whatever the number of ranks,
+    so the validation set (and `evaluate elbo`) is the same for 1 and N ranks."""
+    return cfg.micro_batch_size or cfg.batch_size
+
+
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """auto, cpu, cuda or cuda:N -> a device that exists here, or a UserError naming `flag`."""
     if name == "auto":

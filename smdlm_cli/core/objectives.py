@@ -9,9 +9,12 @@
   response is masked (never the prompt), with probability (1 - eps) t + eps, and the mean CE over
   the masked tokens is weighted by 1/t.
 
-Each offers the same four calls: `begin_step` (draw the step's noise), `micro` (noise one
+Each offers the same calls: `begin_step` (draw the step's noise), `micro` (noise one
 micro-batch), `loss` (its share of the step's loss) and, for validation, `validation_input` /
-`terms`. `validate` runs any of them on fixed batches with fixed times and masks.
+`terms`. `validate` runs any of them on fixed batches with fixed times and masks. Validation
+batches are global (the same for any number of ranks): a batch's times and masks are drawn for
+all its rows, then each rank scores its rows r::W, so the validation numbers do not depend on the
+number of ranks.
 
 Not here: the loop and the optimizer (trainer.py), the forward of the two passes (twopass.py).
 """
@@ -40,6 +43,14 @@ class Noised:
     xt: Tensor
     t: Tensor
     attention: Tensor | None = None
+
+    def shard(self, rank: int, world: int) -> "Noised":
+        """This rank's rows r::W of a global batch (t too when it has one value per row)."""
+        if world == 1:
+            return self
+        rows = slice(rank, None, world)
+        return Noised(self.x0[rows], self.xt[rows], self.t[rows] if self.t.dim() else self.t,
+                      None if self.attention is None else self.attention[rows])
 
 
 class Diffusion:
@@ -72,15 +83,16 @@ class Diffusion:
         return self.nll(logits, n).sum() / (self.layout.per_rank * self.length)
 
     def validation_input(self, batch: Tensor, i: int, n_batches: int, seed: int) -> Noised:
-        g = generator(self.ctx.device, seed, VALIDATION, i, self.ctx.rank)
+        """Global batch i with its fixed times and masks (rank 0's seed, as a single process)."""
+        g = generator(self.ctx.device, seed, VALIDATION, i, 0)
         t = diffusion.sample_t(batch.shape[0], generator=g, device=self.ctx.device)
         return Noised(batch, diffusion.q_xt(batch, t, self.mask_id, generator=g), t)
 
     def terms(self, logits: Tensor, n: Noised) -> Tensor:
-        """(summed nll, tokens it is over, summed loss) of one validation batch."""
+        """(summed nll, tokens it is over) of this rank's rows of one validation batch."""
         nll = self.nll(logits, n).sum()
         return torch.stack([nll.double(), torch.tensor(n.x0.numel(), dtype=torch.float64,
-                                                       device=nll.device), nll.double()])
+                                                       device=nll.device)])
 
 
 class Autoregressive(Diffusion):
@@ -140,12 +152,12 @@ class SFT:
         cfg = self.cfg  # fixed times, evenly spread over [t_min, t_max]
         t = torch.tensor(cfg.t_min + (cfg.t_max - cfg.t_min) * (i + 0.5) / n_batches,
                          device=self.ctx.device)
-        g = generator(self.ctx.device, seed, VALIDATION, i, self.ctx.rank)
+        g = generator(self.ctx.device, seed, VALIDATION, i, 0)
         return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
 
     def terms(self, logits: Tensor, n: Noised) -> Tensor:
-        loss, nll = sft_loss(logits, n.x0, n.xt, n.t, self.mask_id)
-        return torch.stack([nll.double(), (n.xt == self.mask_id).sum().double(), loss.double()])
+        nll = diffusion.masked_nll(logits, n.x0, n.xt, self.mask_id).sum()
+        return torch.stack([nll.double(), (n.xt == self.mask_id).sum().double()])
 
 
 OBJECTIVES = {"elbo": Diffusion, "ar": Autoregressive, "sft": SFT}
@@ -171,20 +183,25 @@ def validate(model: TwoPass, objective, batches: list, use_sm: bool, seed: int, 
     ctx = objective.ctx
     was_training = model.training
     model.eval()
+    per_batch = torch.zeros(len(batches), 2, dtype=torch.float64, device=ctx.device)
+    times = []
     try:
-        total = torch.zeros(3, dtype=torch.float64, device=ctx.device)
         for i, batch in enumerate(batches):
             n = objective.validation_input(batch.to(ctx.device), i, len(batches), seed)
-            with autocast(ctx.device, precision):
-                logits = model(n.xt, use_sm=use_sm, attention_mask=n.attention)
-            total += objective.terms(logits, n)
+            times.append(n.t)
+            n = n.shard(ctx.rank, ctx.world)
+            if n.x0.shape[0]:  # a short last batch may leave a rank without rows
+                with autocast(ctx.device, precision):
+                    logits = model(n.xt, use_sm=use_sm, attention_mask=n.attention)
+                per_batch[i] = objective.terms(logits, n)
             if on_batch is not None:
                 on_batch()
     finally:
         model.train(was_training)
-    all_reduce_sum(total)
-    nll = (total[0] / total[1]).item()
+    all_reduce_sum(per_batch)
+    nll = (per_batch[:, 0].sum() / per_batch[:, 1].sum()).item()
     out = {"val_nll": nll, "val_ppl": math.exp(min(nll, 700.0)), "val_bpd": nll / math.log(2)}
-    if isinstance(objective, SFT):
-        out["val_loss"] = (total[2] / (len(batches) * ctx.world)).item()
+    if isinstance(objective, SFT):  # the training objective: (1/t) x mean CE of each batch
+        t = torch.stack([x.double() for x in times])
+        out["val_loss"] = (per_batch[:, 0] / per_batch[:, 1].clamp_min(1) / t).mean().item()
     return out

@@ -32,6 +32,7 @@ from smdlm_cli.core import hub
 from smdlm_cli.core.config import DataConfig
 from smdlm_cli.core.data import _is_valid, stdlib_files
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.loader import ShardedLoader, validation_chunks
 
 BUILTIN = "python-functions"
 ROLES = {"human": "user", "assistant": "assistant", "user": "user", "system": "system",
@@ -168,46 +169,25 @@ def collate(items: list[tuple[list[int], int]], pad_id: int, pad_supervised: boo
     return SFTBatch(ids, maskable, None if pad_supervised else real)
 
 
-class SFTLoader:
-    """Endless shuffled SFT batches, rank-sharded, resumable from (epoch, pos) like BlockLoader."""
+class SFTLoader(ShardedLoader):
+    """Endless shuffled SFT batches, rank-sharded and resumable (loader.py); a batch's padding
+    jitter comes from (seed, epoch, position), so a resumed run pads as the uninterrupted one."""
+
+    what = "fine-tuning examples"
 
     def __init__(self, items, batch_size: int, seed: int, pad_id: int, pad_supervised: bool,
                  jitter: int, rank: int = 0, world: int = 1):
-        if len(items) < batch_size * world:
-            raise UserError(f"{len(items)} fine-tuning examples cannot fill a batch of "
-                            f"{batch_size * world}; expected more data or a smaller batch")
-        self.items, self.batch_size, self.seed = items, batch_size, seed
-        self.pad_id, self.pad_supervised, self.jitter = pad_id, pad_supervised, jitter
-        self.rank, self.world = rank, world
-        self.epoch, self.pos = 0, 0
-        self._shuffled = (None, [])  # (epoch, order): shuffled once per epoch, not per batch
+        self.items, self.pad_id, self.pad_supervised, self.jitter = items, pad_id, pad_supervised, jitter
+        super().__init__(len(items), batch_size, seed, rank, world)
 
-    def _order(self) -> list[int]:
-        if self._shuffled[0] != self.epoch:
-            order = list(range(len(self.items)))
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-            self._shuffled = (self.epoch, order)
-        return self._shuffled[1]
-
-    def next_batch(self) -> SFTBatch:
-        span = self.batch_size * self.world
-        if self.pos + span > len(self.items):
-            self.epoch, self.pos = self.epoch + 1, 0
-        rows = self._order()[self.pos:self.pos + span][self.rank::self.world]
+    def fetch(self, rows: list[int]) -> SFTBatch:
         rng = random.Random(self.seed * 7_919 + self.epoch * 100_003 + self.pos)
-        self.pos += span
         return collate([self.items[i] for i in rows], self.pad_id, self.pad_supervised,
                        self.jitter, rng)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 
 def valid_batches(items, batch_size: int, n_batches: int, pad_id: int, pad_supervised: bool) -> list[SFTBatch]:
     """The first n_batches batches of the validation examples, in order, without padding jitter."""
     rng = random.Random(0)
-    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)][:n_batches]
-    return [collate(c, pad_id, pad_supervised, 0, rng) for c in chunks]
+    return [collate(items[c.start:c.stop], pad_id, pad_supervised, 0, rng)
+            for c in validation_chunks(len(items), batch_size, n_batches)]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from smdlm_cli.core import objectives
-from smdlm_cli.core.distributed import Dist, batch_layout
+from smdlm_cli.core.distributed import Dist, batch_layout, validation_batch
 from smdlm_cli.core.twopass import TwoPass
 from smdlm_cli.core.data import build_corpus, cache_dir, valid_batches
 
@@ -29,7 +29,7 @@ def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid
     train.seed), which reproduces the last validation line of its metrics.jsonl.
     """
     t = recipe.train
-    batch_size = batch_size or t.micro_batch_size or t.batch_size
+    batch_size = batch_size or validation_batch(t)
     batches = batches or t.eval_batches
     seed = t.seed if seed is None else seed
     train, valid = build_corpus(recipe.data, tok, model.config.model_length, cache_dir())

@@ -162,11 +162,14 @@ def humaneval_rescored(result, cwd):
 
 def reproduced(result, cwd):
     assert result.returncode == 0, result.stderr[-3000:]
-    stages = json.loads((cwd / "runs" / "repro-cpu" / "stages.json").read_text())["stages"]
+    # a smoke run has its own runs and report: the committed docs/ and the real chain stay as they were
+    smoke = cwd / "runs" / "repro-cpu-smoke"
+    stages = json.loads((smoke / "stages.json").read_text())["stages"]
     assert {"cache", "sweep-remdm-cap", "sm-on", "sm-on-sweep"} <= set(stages)
-    text = (cwd / "docs" / "results.md").read_text()
+    text = (smoke / "results.md").read_text()
     assert "## Main table" in text and "**Smoke run**" in text
-    assert (cwd / "docs" / "figures" / "results-mdlm.png").is_file()
+    assert (smoke / "figures" / "results-mdlm.png").is_file()
+    assert not (cwd / "docs").exists() and not (cwd / "runs" / "repro-cpu").exists()
 
 
 def finetuned(result, cwd):

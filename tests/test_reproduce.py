@@ -232,3 +232,18 @@ def test_bad_command_lines_exit_2_with_one_line(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "stages.json").exists()
+
+
+def test_a_smoke_run_never_writes_the_real_chain(tmp_path):
+    """--smoke defaults to RUNS-smoke/ and a report inside it; a directory of the other kind is
+    refused, so a smoke run never marks the real chain's stages done (nor the reverse)."""
+    plan = reproduce.load_plan(CPU, smoke=True)
+    assert plan.cfg.runs == "runs/repro-cpu-smoke"
+    assert plan.cfg.report == "runs/repro-cpu-smoke/results.md"
+    assert reproduce.load_plan(CPU).cfg.report == "docs/results.md"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    atomic_write_json(runs / "stages.json", {"stages": {"base": {"seconds": 1.0}}, "smoke": False})
+    result = smdlm("reproduce", CPU, "--smoke", "--runs", runs, "--stage", "base", cwd=tmp_path)
+    assert result.returncode == 2 and "holds a real chain's stages" in result.stderr
+    assert read_json(runs / "stages.json")["stages"] == {"base": {"seconds": 1.0}}

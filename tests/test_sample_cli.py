@@ -124,3 +124,29 @@ def test_masks_are_shaded_by_lambda():
     assert text.plain == "step 2/8\nx = 1" + BLOCK * 2
     dim, bright = (str(span.style) for span in text.spans[-2:])
     assert dim == "rgb(80,80,80)" and bright == "rgb(255,255,0)"
+
+
+def test_all_empty_samples_say_why(sm_run, tmp_path):
+    """A model that only writes EOS decodes to empty text: sample says so, in one line, with what
+    to try; a model that writes text does not."""
+    from smdlm_cli.core.io import atomic_save_tensors, load_tensors
+
+    weights = load_tensors(sm_run / "model.safetensors")
+    bias = next(k for k in weights if k.endswith("output_layer.linear.bias"))
+    weights[bias] = weights[bias].clone()
+    weights[bias][tokenizer().eos_token_id] = 1e4
+    eos_run = tmp_path / "eos"
+    eos_run.mkdir()
+    for f in sm_run.iterdir():
+        if f.name != "model.safetensors":
+            (eos_run / f.name).symlink_to(f)
+    atomic_save_tensors(eos_run / "model.safetensors", weights)
+    result = runner.invoke(app, ["sample", "--ckpt", str(eos_run), "--out", str(tmp_path / "e.jsonl"),
+                                 "--nfe", "4", "--num-samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert "all 2 samples generated nothing but special tokens" in result.stderr
+    assert "pad_supervised" in result.stderr
+    assert json.loads((tmp_path / "e.jsonl.json").read_text())["empty_samples"] == 2
+    plain = runner.invoke(app, ["sample", "--ckpt", str(sm_run), "--out", str(tmp_path / "p.jsonl"),
+                                "--nfe", "4", "--num-samples", "2"])
+    assert "generated nothing" not in plain.stderr

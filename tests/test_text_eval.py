@@ -60,9 +60,12 @@ def _direct_gen_ppl(model, tok, texts, context):
 def test_gen_ppl_equals_a_direct_computation(gpt2_dir):
     scorer = load_scorer(str(gpt2_dir), torch.device("cpu"))
     assert scorer.hf and scorer.context == 32
-    got = genppl.gen_ppl(scorer, TEXTS, batch_size=2)
+    totals, done = [], []
+    got = genppl.gen_ppl(scorer, TEXTS, batch_size=2, on_batch=done.append, on_total=totals.append)
     want, count = _direct_gen_ppl(scorer.model, scorer.tok, TEXTS, 32)
     assert got["tokens"] == count and got["samples"] == 3
+    # the progress counts windows (a long text has several), and ends at its total
+    assert totals == [got["windows"]] and sum(done) == got["windows"] > got["samples"]
     assert got["gen_ppl"] == pytest.approx(want, rel=1e-4)
 
 

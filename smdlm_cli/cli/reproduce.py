@@ -20,7 +20,8 @@ def reproduce(
     report: Annotated[Optional[str], typer.Option("--report", metavar="FILE", help="Markdown "
                                                   "report; default reproduce.report")] = None,
     smoke: Annotated[bool, typer.Option("--smoke", help="a few steps and samples: checks the whole "
-                                        "chain in minutes (numbers meaningless)")] = False,
+                                        "chain in minutes (numbers meaningless); writes to "
+                                        "RUNS-smoke/, never the real chain's runs or report")] = False,
 ) -> None:
     """The paper's main experiment at small scale: train, evaluate, write the report; resumable."""
     from smdlm_cli.reproduce import chain

@@ -7,6 +7,7 @@ import typer
 from rich.text import Text
 
 from smdlm_cli.cli.options import Resume, RunOut, SetKV, out
+from smdlm_cli.core import hub
 from smdlm_cli.recipe import load_recipe
 
 
@@ -17,6 +18,7 @@ def pretrain(
 ) -> None:
     """Train an MDLM from scratch or continue one, binary or soft-masked."""
     loaded = load_recipe(recipe, set_ or [])
+    hub.preflight(hub.recipe_needs(loaded))  # before torch is even imported: offline fails in seconds
     from smdlm_cli.commands import pretrain as command
 
     run_dir = command.run(loaded, recipe_path=recipe, out=out_, resume=resume)
@@ -34,6 +36,7 @@ def finetune(
 ) -> None:
     """DoRA/LoRA fine-tune a large MDLM (Dream-7B, Dream-Coder-7B) with soft-masking."""
     loaded = load_recipe(recipe, set_ or [])
+    hub.preflight(hub.recipe_needs(loaded))
     from smdlm_cli.commands import finetune as command
 
     out().print(Text(str(command.run(loaded, recipe_path=recipe, out=out_, resume=resume,

@@ -26,7 +26,7 @@ from smdlm_cli.core.tokenizer import load_tokenizer
 from smdlm_cli.evals import code, elbo as elbo_eval, genppl as genppl_eval, humaneval
 from smdlm_cli.evals import mauve as mauve_eval, mbpp
 from smdlm_cli.evals.execution import Limits
-from smdlm_cli.evals.report import new_report, progress, report_path, timed, write_report
+from smdlm_cli.evals.report import console, new_report, progress, report_path, timed, write_report
 from smdlm_cli.evals.scorer import load_scorer
 from smdlm_cli.recipe import load_recipe
 
@@ -127,7 +127,10 @@ def code_task(task: str, s: sample.SampleSettings, c: CodeSettings) -> tuple[dic
         prompts = [bench.prompt_text(p, c.format, run.tokenizer) for p in problems.values()]
         with timed(report, "generate"), progress(f"{task}: generate", len(prompts) * c.n) as advance:
             texts, info = complete(s, run, prompts, c.n, max_new, advance)
+        info["empty_completions"] = sum(not t.strip() for ts in texts for t in ts)
         report["generation"] = info
+        if info["empty_completions"] == len(prompts) * c.n:
+            console.print(sample.EMPTY_HINT.format(what=f"all {len(prompts) * c.n} completions"))
         samples = [bench.postprocess(p, t, c.format) for p, ts in zip(problems.values(), texts)
                    for t in ts]
         samples_file = path.with_suffix(".samples.jsonl")
@@ -205,8 +208,8 @@ def genppl(s: sample.SampleSettings, samples_file: str | None, scorer_name: str,
     with timed(report, "sample"):
         texts, ids, info = unconditional(s, samples_file, "genppl")
     report["generation"] = info
-    with timed(report, "score"), progress("genppl: score", len(texts)) as advance:
-        report.update(genppl_eval.gen_ppl(scorer, texts, score_batch, advance))
+    with timed(report, "score"), progress("genppl: score windows", len(texts)) as advance:
+        report.update(genppl_eval.gen_ppl(scorer, texts, score_batch, advance, advance.set_total))
     if all(ids):
         report.update(genppl_eval.mean_entropy(ids))
     run_dir = None if samples_file else info["run_dir"]

@@ -52,6 +52,12 @@ class SampleSettings:
     chat: bool = False              # prompts go through the tokenizer's chat template
 
 
+# Why every generation can come out empty, and what to try: said once, by sample and evaluate.
+EMPTY_HINT = ("{what} generated nothing but special tokens (EOS/padding): a fine-tuned model that "
+              "learned to pad does this, and so does an undertrained one; try a longer fine-tune, "
+              "a shorter --length / --max-new-tokens, or finetune.pad_supervised = false")
+
+
 def parse_options(pairs: list[str] | None) -> dict:
     """--option KEY=VALUE pairs -> {key: value}: none -> None, then int, float, or the text."""
     options = {}
@@ -116,12 +122,15 @@ def generate(s: SampleSettings, trace: bool = False, run: rundir.Run | None = No
                 "seed": seed, "nfe": gen.nfe, "seconds": sec}
                for ids, p, seed, sec in zip(gen.tokens, prompts, gen.seeds, gen.row_seconds)]
     softmask = kw["softmask"]
+    empty = sum(not tok.decode(ids[start:], skip_special_tokens=True).strip()
+                for ids, start in zip(gen.tokens, gen.start))
     sidecar = {
         "settings": {**asdict(s), "sampler": kw["sampler"], "length": length,
                      "k": softmask.k if softmask else 0},
         "checkpoint": checkpoint_info(run.path),
         "softmask": softmask.to_dict() if softmask else None,
         "device": str(model.embedding_weight().device), "versions": versions(),
+        "empty_samples": empty,
         "timing": {"seconds": gen.seconds, "generated_tokens": gen.generated,
                    "tokens_per_s": gen.generated / max(gen.seconds, 1e-9)},
         "created": datetime.now().isoformat(timespec="seconds"),
@@ -154,4 +163,6 @@ def run(s: SampleSettings, show_steps: bool = False) -> Path:
     console.print(f"{len(records)} samples, {sampler} sampler, {records[0]['nfe']} NFE, {mode}, "
                   f"{t['tokens_per_s']:,.0f} generated tokens/s")
     console.print(f"[bold]first sample:[/bold] {records[0]['text'][:400]!r}")
+    if sidecar["empty_samples"] == len(records):
+        console.print(EMPTY_HINT.format(what=f"all {len(records)} samples"))
     return out

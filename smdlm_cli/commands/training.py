@@ -16,7 +16,7 @@ from typing import Callable
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from smdlm_cli.core import trainer
+from smdlm_cli.core import hub, trainer
 from smdlm_cli.core.config import Recipe
 from smdlm_cli.core.distributed import Dist, barrier, distributed
 from smdlm_cli.core.errors import UserError
@@ -65,6 +65,7 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
     A run that fails before its first step (offline, bad data) leaves nothing behind, so the same
     command works once the cause is fixed; a directory it did not create is kept.
     """
+    hub.preflight(hub.recipe_needs(recipe))
     with distributed(recipe.train.device) as ctx:
         run_dir = run_dir_for(recipe_path, out, resume)
         if resume:

@@ -27,10 +27,14 @@ from smdlm_cli.evals.scorer import Scorer, pad_batch, windows
 
 
 def gen_ppl(scorer: Scorer, texts: Sequence[str], batch_size: int = 8,
-            on_batch: Callable[[int], None] | None = None) -> dict:
-    """{"gen_ppl", "nll", "tokens", "samples"}: token-weighted over every window of every text."""
+            on_batch: Callable[[int], None] | None = None,
+            on_total: Callable[[int], None] | None = None) -> dict:
+    """{"gen_ppl", "nll", "tokens", "samples", "windows"}: token-weighted over every window of
+    every text. on_total(n) is told the number of windows, on_batch(k) each batch's count."""
     seqs = windows(scorer.encode(list(texts)), scorer.context)
     seqs = sorted((s for s in seqs if len(s) > 1), key=len)  # similar lengths share a batch
+    if on_total is not None:
+        on_total(len(seqs))
     total = torch.zeros(2, dtype=torch.float64)
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
@@ -45,7 +49,7 @@ def gen_ppl(scorer: Scorer, texts: Sequence[str], batch_size: int = 8,
             on_batch(len(batch))
     nll = (total[0] / total[1].clamp_min(1)).item()
     return {"gen_ppl": math.exp(min(nll, 700.0)), "nll": nll, "tokens": int(total[1]),
-            "samples": len(texts)}
+            "samples": len(texts), "windows": len(seqs)}
 
 
 def unigram_entropy(ids: Sequence[int]) -> float:

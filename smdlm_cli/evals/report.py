@@ -92,14 +92,27 @@ def timed(report: dict, name: str) -> Iterator[None]:
         report["timing"][name] = round(time.perf_counter() - began, 3)
 
 
+class Advance:
+    """advance(n=1) moves the bar; advance.set_total(n) says how many units there turned out to be
+    (gen-PPL scores windows, of which a text may have several)."""
+
+    def __init__(self, bar: Progress, task):
+        self.bar, self.task = bar, task
+
+    def __call__(self, n: int = 1) -> None:
+        self.bar.advance(self.task, n)
+
+    def set_total(self, n: int) -> None:
+        self.bar.update(self.task, total=n)
+
+
 @contextmanager
-def progress(description: str, total: int) -> Iterator:
-    """A Rich progress bar on stderr with an ETA; yields advance(n=1)."""
+def progress(description: str, total: int) -> Iterator[Advance]:
+    """A Rich progress bar on stderr with an ETA; yields an Advance."""
     columns = [TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        yield Advance(bar, bar.add_task(description, total=total))
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:

@@ -88,6 +88,10 @@ def run(directory: str | Path, stages: list[str] | None = None, runs: str | None
     todo = [s for s in plan.stages if not stages or s in stages]
     record_file = plan.runs / "stages.json"
     record = read_json(record_file) if record_file.is_file() else {"stages": {}}
+    if record.get("smoke", smoke) != smoke:
+        kind = "a smoke chain" if record["smoke"] else "a real chain"
+        raise UserError(f"{plan.runs} holds {kind}'s stages; expected "
+                        f"{'--runs DIR of its own for --smoke' if smoke else 'another --runs DIR, or the same command with --smoke'}")
     record.update(directory=str(plan.directory), smoke=smoke, machine=_machine())
     done = record["stages"]
     for stage in todo:

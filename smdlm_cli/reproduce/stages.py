@@ -93,6 +93,9 @@ def load_plan(directory: str | Path, runs: str | None = None, report: str | None
         raise UserError(f"{directory}: missing {', '.join(missing)}; expected {', '.join(TRAIN)} "
                         f"and reproduce (.toml each)")
     cfg = load_table(directory / "reproduce.toml", "reproduce", ReproduceConfig)
+    if smoke:  # its own runs and report, beside the real chain's: never the committed report
+        runs = runs or f"{cfg.runs}-smoke"
+        report = report or str(Path(runs) / Path(cfg.report).name)
     cfg = replace(cfg, **{k: v for k, v in (("runs", runs), ("report", report)) if v is not None},
                   **(SMOKE_EVAL if smoke else {}))
     from smdlm_cli.core.samplers import SAMPLERS

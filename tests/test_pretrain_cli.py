@@ -98,3 +98,49 @@ def test_owt_recipes_fail_fast_offline(recipe, missing, tmp_path, monkeypatch):
     assert result.exit_code == 2 and time.time() - start < 30
     assert missing in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no debris
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch):
+    """Before the first save: nothing is kept and the directory is gone, so the same command
+    starts over; after one: the message names the state and the --resume command."""
+    from typer.testing import CliRunner
+
+    from smdlm_cli.cli.app import app
+    from smdlm_cli.core import trainer
+
+    tiny = [a for kv in ("data.max_docs=40", "data.vocab_size=400", "model.length=48",
+                         "train.steps=4", "train.batch_size=4", "train.eval_every=2",
+                         "train.eval_batches=1", "train.save_every=2", "train.warmup=1")
+            for a in ("--set", kv)]
+    real_fit = trainer.fit
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "fit", interrupted)
+    run = tmp_path / "run"
+    argv = ["pretrain", str(ROOT / "recipes" / "quickstart.toml"), "--out", str(run), *tiny]
+    first = CliRunner().invoke(app, argv)
+    assert first.exit_code == 130 and "nothing was kept; the same command starts over" in first.stderr
+    assert not run.exists()
+    monkeypatch.setattr(trainer, "fit", real_fit)
+    assert CliRunner().invoke(app, argv).exit_code == 0  # the same command, as promised
+    monkeypatch.setattr(trainer, "fit", interrupted)
+    again = CliRunner().invoke(app, ["pretrain", str(run / "recipe.toml"), "--out", str(run),
+                                     "--resume", "--set", "train.steps=6"])
+    assert again.exit_code == 130
+    assert f"keeps the state of step-0000004; continue with: smdlm pretrain {run / 'recipe.toml'}" \
+           f" --out {run} --resume" in " ".join(again.stderr.split())
+
+
+def test_the_training_eta_survives_progress_lines_minutes_apart():
+    """Rich estimates speed over its last 30 s by default: a run logging every 40 s had no ETA."""
+    from smdlm_cli.commands.training import progress_bar
+
+    clock = [0.0]
+    bar = progress_bar("pretrain", get_time=lambda: clock[0])
+    task = bar.add_task("train", total=100, info="")
+    for step in (10, 20, 30):
+        clock[0] += 40.0
+        bar.update(task, completed=step)
+    assert bar.tasks[0].time_remaining == pytest.approx(70 * 4.0)

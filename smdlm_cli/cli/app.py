@@ -38,8 +38,9 @@ class _Group(TyperGroup):
             message = " ".join(line.strip() for line in str(e).splitlines())
             err().print(Text.assemble(("error:", "bold red"), " ", message))
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err().print(Text("interrupted", style="yellow"))
+        except KeyboardInterrupt as e:
+            # a command that knows what it kept says so (training: the state and how to resume)
+            err().print(Text(str(e) or "interrupted", style="yellow"))
             raise typer.Exit(130) from None
 
 

@@ -101,6 +101,8 @@ def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, merge
             save_model(inputs[0].merge_and_unload(), run_dir)
         console.print(f"run saved in [bold]{run_dir}[/bold] (adapter/, softmask.json"
                       f"{', merged model.safetensors' if merge else ''})")
+        console.print(f"next: smdlm sample --ckpt {run_dir} --chat --prompt '...' · smdlm evaluate "
+                      f"humaneval --ckpt {run_dir} --format instruct")
 
     return train(recipe, recipe_path, out, resume, "finetune",
                  lambda run_dir, resume, ctx: _setup(recipe, run_dir, resume, ctx),

@@ -118,5 +118,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):
 
 def _next_steps(run_dir: Path, inputs: tuple, result) -> None:
     console.print(f"run saved in [bold]{run_dir}[/bold] (model.safetensors, metrics.jsonl, state/)")
+    console.print(f"next: smdlm sample --ckpt {run_dir} · smdlm inspect-lambda --ckpt {run_dir} "
+                  f"--decode · smdlm evaluate elbo --ckpt {run_dir}")
     console.print(f"to train longer: smdlm pretrain {run_dir / 'recipe.toml'} --out {run_dir} "
                   f"--resume --set train.steps=N")

@@ -84,12 +84,41 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         options = {"objective": objective} | ({"publish": publish} if publish else {})
-        result = _fit_with_progress(recipe, inputs, run_dir, ctx, resume, command, options)
+        try:
+            result = _fit_with_progress(recipe, inputs, run_dir, ctx, resume, command, options)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted(run_dir, command, fresh and ctx.main)) from None
         if ctx.main:
             _summary(run_dir, result, *val_words(objective, inputs[0]))
             if finish is not None:
                 finish(run_dir, inputs, result)
         return run_dir
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with what was kept and how to go on (the CLI prints it)."""
+
+
+def _interrupted(run_dir: Path, command: str, remove: bool) -> str:
+    from smdlm_cli.core import checkpoint
+
+    state = checkpoint.latest_state(run_dir)
+    if state is None:
+        if remove:  # nothing trained was kept: leave nothing behind, so the same command restarts
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return ("interrupted before the first save: nothing was kept; the same command starts "
+                "over (train.save_every sets how often a run saves)")
+    return (f"interrupted: {run_dir} keeps the state of {state.name}; continue with: smdlm "
+            f"{command} {run_dir / 'recipe.toml'} --out {run_dir} --resume")
+
+
+def progress_bar(name: str, get_time=None) -> Progress:
+    """The training bar. Its ETA looks back 10 minutes, not Rich's 30 s: a slow run's progress
+    lines come further apart than that, and the ETA then stayed at -:--:--."""
+    columns = [TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    return Progress(*columns, console=console, transient=False, speed_estimate_period=600,
+                    **({"get_time": get_time} if get_time else {}))
 
 
 def _fit_with_progress(recipe, inputs, run_dir, ctx, resume, name: str, options: dict):
@@ -98,9 +127,7 @@ def _fit_with_progress(recipe, inputs, run_dir, ctx, resume, name: str, options:
     if not ctx.main:
         return trainer.fit(*args, resume=resume, **options)
     what, unit = val_words(options["objective"], backbone)
-    columns = [TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar(name) as progress:
         task = progress.add_task("train", total=recipe.train.steps, info="")
 
         def on_step(rec: dict) -> None:

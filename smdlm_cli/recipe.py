@@ -122,7 +122,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise UserError(f"recipe not found: {path}") from None
+        raise UserError(f"recipe not found: {path}{_nearby_recipes(path)}") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected a TOML recipe file") from None
     except UnicodeDecodeError as e:
@@ -131,6 +131,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: {_syntax_error(str(e))}") from None
+
+
+def _nearby_recipes(path: Path) -> str:
+    """'; recipes in DIR: a.toml, b.toml' for the folder the user meant (or ./recipes)."""
+    for folder in (path.parent, Path("recipes")):
+        found = sorted(p.name for p in folder.glob("*.toml")) if folder.is_dir() else []
+        if found:
+            return f"; recipes in {folder}/: {', '.join(found)}"
+    return ""
 
 
 def _syntax_error(message: str) -> str:

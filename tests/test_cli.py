@@ -38,6 +38,9 @@ def pretrain(monkeypatch, tmp_path):
     # `from smdlm_cli.commands import pretrain` looks at the package attribute first
     monkeypatch.setattr(smdlm_cli.commands, "pretrain", module, raising=False)
     fake = types.SimpleNamespace(calls=[], raises=None)
+    from smdlm_cli.core import hub
+
+    monkeypatch.setattr(hub, "preflight", lambda needs: None)  # hub names in recipes parse only
 
     def run(recipe, recipe_path, out, resume):
         fake.calls.append(dict(recipe=recipe, recipe_path=recipe_path, out=out, resume=resume))
@@ -139,7 +142,9 @@ def test_recipe_errors_exit_2_with_one_line(tmp_path, monkeypatch, pretrain, tex
 def test_missing_recipe_exits_2(tmp_path, pretrain):
     result = runner.invoke(app, ["pretrain", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2
-    assert result.stderr == f"error: recipe not found: {tmp_path / 'nope.toml'}\n"
+    assert result.stderr.startswith(f"error: recipe not found: {tmp_path / 'nope.toml'}")
+    assert "quickstart.toml" in result.stderr  # the recipes that exist (./recipes here)
+    assert result.stderr.count("\n") == 1
 
 
 def test_user_error_from_the_command_is_one_line(tmp_path, pretrain):
@@ -182,6 +187,14 @@ def test_real_process_bad_recipe(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "error: bad.toml: train.lr = true, expected a number >= 0\n"
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_help_shows_flags_without_a_value_and_plain_usage():
+    text = runner.invoke(app, ["pretrain", "--help"]).stdout
+    assert "Usage: smdlm pretrain [OPTIONS] RECIPE" in text and "{RECIPE}" not in text
+    resume = next(line for line in text.splitlines() if "--resume" in line)
+    assert "<bool>" not in resume
+    assert "smdlm inspect-lambda [OPTIONS] [RUN]" in runner.invoke(app, ["inspect-lambda", "--help"]).stdout
 
 
 def test_importing_the_app_does_not_import_torch():

@@ -106,9 +106,13 @@ def test_hub_names_are_not_checked_as_paths(tmp_path):
 
 # ---- file-level errors ---------------------------------------------------------------------------
 
-def test_missing_recipe(tmp_path):
+def test_missing_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./recipes here
     path = tmp_path / "nope.toml"
     assert error(path) == f"recipe not found: {path}"
+    (tmp_path / "b.toml").write_text("")
+    (tmp_path / "a.toml").write_text("")
+    assert error(path) == f"recipe not found: {path}; recipes in {tmp_path}/: a.toml, b.toml"
 
 
 def test_directory_as_recipe(tmp_path):

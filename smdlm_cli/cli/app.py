@@ -27,6 +27,24 @@ from smdlm_cli.cli.options import err, out
 from smdlm_cli.core.errors import UserError
 
 
+def _conventional_help() -> None:
+    """typer 0.29 writes `<bool>` after every flag (`--resume <bool>` reads as if it took a value)
+    and `{RECIPE}` for a required argument; give flags no type and arguments click's plain
+    `RECIPE` / `[RUN]`. Private hooks of typer's: where a release drops them, its own style stays
+    (tests/test_cli.py checks the help text)."""
+    option, argument = typer.core.TyperOption, typer.core.TyperArgument
+    if hasattr(option, "display_type_rich"):
+        shown = option.display_type_rich
+        option.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+    if hasattr(argument, "_usage_display_name"):
+        argument._usage_display_name = lambda self: (
+            (self.display_name_raw if self.required else f"[{self.display_name_raw}]")
+            + ("..." if self.nargs != 1 else ""))
+
+
+_conventional_help()
+
+
 class _Group(TyperGroup):
     """The smdlm command group; turns user errors and Ctrl-C into one line and an exit code."""
 

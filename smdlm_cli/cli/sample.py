@@ -43,7 +43,7 @@ def sample(
 
 @decoding("nfe", "num_samples", "seed", "length", nfe=32, num_samples=8)
 def inspect_lambda(
-    target: Annotated[Optional[str], typer.Argument(metavar="[RUN]", show_default=False,
+    target: Annotated[Optional[str], typer.Argument(metavar="RUN", show_default=False,
                                                     help="same as --ckpt (kept for older "
                                                          "scripts)")] = None,
     ckpt: Annotated[Optional[str], typer.Option(

@@ -190,7 +190,7 @@ def dream_sampled(result, cwd):
     out = cwd / result.stdout.strip().splitlines()[-1]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 4 and all(1 <= r["nfe"] <= 64 for r in rows)
-    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    sidecar = json.loads(out.with_name(out.stem + ".meta.json").read_text())
     assert sidecar["settings"]["options"] == {"block_length": 32, "cache": "dual", "threshold": 0.9}
 
 

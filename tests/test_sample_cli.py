@@ -36,7 +36,7 @@ def test_writes_samples_and_sidecar(sm_run, tmp_path):
         assert isinstance(r["text"], str) and len(r["tokens"]) == LENGTH and r["seconds"] > 0
         assert 1 <= r["nfe"] <= 9  # 8 steps, reused steps skipped, plus the noise-removal forward
         assert tok.mask_token_id not in r["tokens"] and r["tokens"][0] == tok.bos_token_id
-    side = json.loads((tmp_path / "s.jsonl.json").read_text())
+    side = json.loads((tmp_path / "s.meta.json").read_text())
     digest = hashlib.sha256((sm_run / "model.safetensors").read_bytes()).hexdigest()
     assert side["checkpoint"]["sha256"] == digest
     assert side["settings"]["k"] == 3 and side["softmask"]["scale"] == pytest.approx(0.9)
@@ -146,7 +146,7 @@ def test_all_empty_samples_say_why(sm_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "all 2 samples generated nothing but special tokens" in result.stderr
     assert "pad_supervised" in result.stderr
-    assert json.loads((tmp_path / "e.jsonl.json").read_text())["empty_samples"] == 2
+    assert json.loads((tmp_path / "e.meta.json").read_text())["empty_samples"] == 2
     plain = runner.invoke(app, ["sample", "--ckpt", str(sm_run), "--out", str(tmp_path / "p.jsonl"),
                                 "--nfe", "4", "--num-samples", "2"])
     assert "generated nothing" not in plain.stderr

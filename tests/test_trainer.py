@@ -209,3 +209,20 @@ def test_the_run_records_its_sm_steps_and_batch_layout(tmp_path):
     state = checkpoint.load_state(checkpoint.latest_state(tmp_path))["trainer"]
     assert state["sm_steps"] == sm
     assert state["layout"] == {"world": 1, "per_rank": 8, "micro": 4, "accum": 2}
+
+
+def test_cpu_threads_leave_the_cores_other_work_uses(monkeypatch):
+    from smdlm_cli.core.distributed import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert cpu_threads(0) == (4, None) and cpu_threads(0, world=2) == (2, None)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.1, 0.0, 0.0))
+    threads, note = cpu_threads(0)
+    assert threads == 1 and "busy (load 3.1 on 4 cores)" in note and "train.threads" in note
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert cpu_threads(0, world=2)[0] == 1
+    assert cpu_threads(3) == (3, None)  # a setting wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads(0) == (0, None)  # the environment's choice is left alone

@@ -140,7 +140,12 @@ def generate(s: SampleSettings, trace: bool = False, run: rundir.Run | None = No
 
 def write(records: list[dict], sidecar: dict, out: Path) -> None:
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write_json(out.with_suffix(out.suffix + ".json"), sidecar)
+    atomic_write_json(sidecar_path(out), sidecar)
+
+
+def sidecar_path(out: Path) -> Path:
+    """samples-X.jsonl -> samples-X.meta.json: the settings next to the samples they made."""
+    return out.with_name(f"{out.stem}.meta.json")
 
 
 def run(s: SampleSettings, show_steps: bool = False) -> Path:

@@ -13,19 +13,20 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from smdlm_cli.core import hub, trainer
 from smdlm_cli.core.config import Recipe
-from smdlm_cli.core.distributed import Dist, barrier, distributed
+from smdlm_cli.core.distributed import Dist, barrier, cpu_threads, distributed
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_text
 from smdlm_cli.recipe import dump_recipe, load_recipe
 
 # Keys a resumed run may change: they alter how long and how often, never what is trained.
 RESUMABLE_CHANGES = {"train.steps", "train.save_every", "train.eval_every", "train.log_every",
-                     "train.max_forward_passes"}
+                     "train.max_forward_passes", "train.threads"}
 SECTIONS = ("model", "data", "softmask", "train", "finetune")
 console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files and CI logs
 
@@ -67,6 +68,12 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
     """
     hub.preflight(hub.recipe_needs(recipe))
     with distributed(recipe.train.device) as ctx:
+        if ctx.device.type == "cpu":
+            threads, note = cpu_threads(recipe.train.threads, ctx.world)
+            if threads:
+                torch.set_num_threads(threads)
+            if note and ctx.main:
+                console.print(note)
         run_dir = run_dir_for(recipe_path, out, resume)
         if resume:
             check_resume_recipe(run_dir, recipe)

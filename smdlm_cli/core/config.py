@@ -103,6 +103,8 @@ class TrainConfig:
                          choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = opt(0, "CPU threads per process; 0 = the cores other work leaves free "
+                          "(by the load average), shared by the ranks", lo=0)
 
 
 @dataclass

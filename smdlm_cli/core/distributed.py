@@ -68,6 +68,26 @@ def validation_batch(cfg: TrainConfig) -> int:
     return cfg.micro_batch_size or cfg.batch_size
 
 
+def cpu_threads(setting: int, world: int = 1) -> tuple[int, str | None]:
+    """(threads per process, a note to print or None); 0 threads: leave torch's setting alone.
+    With `setting` 0: the cores this process may use, less the load other work puts on them,
+    shared by the `world` ranks on this machine, unless OMP_NUM_THREADS says otherwise (issue 19
+    reported the quickstart at 156 tokens/s with torch's default threads on a busy 2-core
+    machine, 413 with one thread)."""
+    if setting:
+        return setting, None
+    if os.environ.get("OMP_NUM_THREADS"):
+        return 0, None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, min(cores, round(cores - load)))
+    threads = max(1, free // world)
+    if free < cores:
+        return threads, (f"the machine is busy (load {load:.1f} on {cores} cores): {threads} "
+                         f"thread(s) per process; train.threads sets it")
+    return threads, None
+
+
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """auto, cpu, cuda or cuda:N -> a device that exists here, or a UserError naming `flag`."""
     if name == "auto":

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from runs import tokenizer
 from smdlm_cli.cli.app import app
+from smdlm_cli.commands import sweep
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.evals import genppl, mauve
 from smdlm_cli.evals.scorer import load_scorer
@@ -151,6 +152,12 @@ def test_sweep_end_to_end_and_resumes(trained, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [r["decoding"] for r in report["rows"]] == ["binary", "SM", "AR"]
+    # the terminal shows every metric's table, and faiss's warning (4 samples are too few for
+    # MAUVE's clusters) as a note after them, not inside the progress bar
+    for title in ("## gen-PPL", "## entropy (nats)", "## MAUVE", "## ELBO (nats/token)"):
+        assert title in result.stderr
+    assert report["notes"] and all(n.startswith("faiss: ") for n in report["notes"])
+    assert "note: faiss: clustering" in result.stderr
     for row in report["rows"]:
         assert math.isfinite(row["elbo"])
         for cell in row["cells"]:
@@ -178,6 +185,17 @@ def test_sweep_end_to_end_and_resumes(trained, tmp_path):
     again = json.loads(runner.invoke(app, args).stdout)
     assert again["rows"] == report["rows"]
     assert {c: c.stat().st_mtime_ns for c in cells} == stamp
+
+
+def test_sweep_plot_names_identical_rows(tmp_path):
+    cells = [{"nfe": n, "genppl": g, "genppl_se": None} for n, g in ((4, 30.0), (8, 20.0))]
+    report = {"settings": {"metrics": ["genppl"], "nfe": [4, 8]},
+              "rows": [{"label": "a · binary", "decoding": "binary", "cells": cells},
+                       {"label": "a · SM", "decoding": "SM", "cells": cells},
+                       {"label": "b · binary", "decoding": "binary",
+                        "cells": [dict(c, genppl=c["genppl"] + 1) for c in cells]}]}
+    legend = sweep.plot(report, tmp_path / "s.png")
+    assert legend == ["a · binary", "a · SM (identical to a · binary)", "b · binary"]
 
 
 def test_sweep_bad_flags(trained, tmp_path):

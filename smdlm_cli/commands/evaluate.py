@@ -231,9 +231,13 @@ def mauve(s: sample.SampleSettings, samples_file: str | None, featurizer: str, r
     with timed(report, "featurize"), progress("mauve: featurize", len(refs) + len(texts)) as advance:
         p = mauve_eval.features(scorer, refs, score_batch, advance)
         q = mauve_eval.features(scorer, texts, score_batch, advance)
+    notes: list[str] = []
     with timed(report, "mauve"):
-        report["mauve"] = mauve_eval.mauve_score(p, q)
+        report["mauve"] = mauve_eval.mauve_score(p, q, notes=notes)
     report["references"] = len(refs)
+    report["notes"] = sorted(set(notes))
+    for note in report["notes"]:
+        console.print(f"mauve: {note}")
     run_dir = None if samples_file else info["run_dir"]
     return report, write_report(report, report_path("mauve", out, run_dir))
 

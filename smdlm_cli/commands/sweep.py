@@ -128,7 +128,9 @@ def _cell(w: SweepSettings, row: Row, nfe: int, seed_index: int, scorer, ref_fea
         cell["entropy"] = genppl_eval.mean_entropy([r["tokens"] for r in records])["entropy"]
     if "mauve" in w.metrics:
         q = mauve_eval.features(scorer, texts, w.batch_size)
-        cell["mauve"] = mauve_eval.mauve_score(ref_features, q)
+        notes: list[str] = []
+        cell["mauve"] = mauve_eval.mauve_score(ref_features, q, notes=notes)
+        cell["notes"] = sorted(set(notes))
     return cell
 
 
@@ -194,6 +196,8 @@ def run(w: SweepSettings) -> tuple[dict, Path]:
                 entry["cells"].append(_summarise(seeds, sample_metrics))
             table.append(entry)
     report["rows"] = table
+    report["notes"] = sorted({n for r in table for c in r["cells"] for s in c["seeds"]
+                              for n in s.get("notes", [])})
     atomic_write_json(out / "sweep.json", report)
     atomic_write_text(out / "sweep.md", markdown(report))
     plot(report, out / "sweep.png")
@@ -208,15 +212,26 @@ def fmt(value: float | None, se: float | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    """A table per metric: one row per (checkpoint, decoding), one column per NFE."""
+    """sweep.md: a title, what the cells are, then a table per metric."""
+    title = f"# Sweep: {', '.join(report['settings']['metrics'])}"
+    return "\n".join([title, "", describe(report), ""] + tables(report))
+
+
+def describe(report: dict) -> str:
+    w = report["settings"]
+    return (f"{w['num_samples']} samples per cell, {w['seeds']} seed(s) (mean ± standard error), "
+            f"sampler {w['sampler']}, scorer {w['scorer']}. AR rows decode left to right with one "
+            f"forward per token whatever the column.")
+
+
+def tables(report: dict, level: str = "##") -> list[str]:
+    """A table per metric, from the report's data: one row per (checkpoint, decoding), one
+    column per NFE; `level` is the Markdown heading of each."""
     w = report["settings"]
     nfes = w["nfe"]
-    lines = [f"# Sweep: {', '.join(w['metrics'])}", "",
-             f"{w['num_samples']} samples per cell, {w['seeds']} seed(s) (mean ± standard error), "
-             f"sampler {w['sampler']}, scorer {w['scorer']}. AR rows decode left to right with one "
-             f"forward per token whatever the column.", ""]
+    lines = []
     for m in w["metrics"]:
-        lines += [f"## {LABELS[m]}", ""]
+        lines += [f"{level} {LABELS[m]}", ""]
         if m == "elbo":
             lines += ["| run · decoding | ELBO (nats/token) |", "|---|---|"]
             lines += [f"| {r['label']} | {r['elbo']:.4f} |" for r in report["rows"]]
@@ -235,11 +250,13 @@ def markdown(report: dict) -> str:
                 label = r["label"]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
-def plot(report: dict, path: Path) -> None:
-    """Metric against NFE (log2 axis), a line per row; AR rows as dashed horizontal lines."""
+def plot(report: dict, path: Path) -> list[str]:
+    """Metric against NFE (log2 axis), a line per row; AR rows as dashed horizontal lines. A row
+    whose curve equals an earlier one's is drawn dotted, shifted a little, and its legend entry
+    says "identical to ...". Returns the first panel's legend entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,27 +265,36 @@ def plot(report: dict, path: Path) -> None:
     metrics = [m for m in report["settings"]["metrics"] if m != "elbo"] or ["elbo"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
     nfes = report["settings"]["nfe"]
+    markers = "osD^vP*X"
     for ax, m in zip(axes[0], metrics):
-        for r in report["rows"]:
+        seen: dict[tuple, str] = {}  # curve -> the label that drew it first
+        for i, r in enumerate(report["rows"]):
             if m == "elbo":
                 ax.plot(nfes, [r["elbo"]] * len(nfes), label=r["label"])
-            elif r["decoding"] == "AR":
+                continue
+            if r["decoding"] == "AR":
                 ax.axhline(r["cells"][0][m], linestyle="--", color="grey", label=r["label"])
-            else:
-                xs = [c["nfe"] for c in r["cells"]]
-                ys = [c[m] for c in r["cells"]]
-                err = [c[f"{m}_se"] or 0.0 for c in r["cells"]]
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=r["label"])
+                continue
+            xs = [c["nfe"] for c in r["cells"]]
+            ys = [c[m] for c in r["cells"]]
+            err = [c[f"{m}_se"] or 0.0 for c in r["cells"]]
+            twin = seen.setdefault((tuple(xs), tuple(ys)), r["label"])
+            label = r["label"] if twin == r["label"] else f"{r['label']} (identical to {twin})"
+            # a small shift along the log axis keeps identical curves visible side by side
+            shift = 2 ** (0.04 * (i - (len(report["rows"]) - 1) / 2))
+            ax.errorbar([x * shift for x in xs], ys, yerr=err, marker=markers[i % len(markers)],
+                        capsize=3, label=label, linestyle="-" if twin == r["label"] else ":")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("NFE")
         ax.set_ylabel(LABELS[m])
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    legend = [t.get_text() for t in axes[0][0].legend(fontsize=8).get_texts()]
     fig.tight_layout()
     save_figure(fig, path)
+    return legend
 
 
 def summary(report: dict) -> str:
-    """A short console view: the first metric's table."""
-    md = markdown(report).split("\n## ")
-    return "## " + md[1] if len(md) > 1 else md[0]
+    """The console view: every metric's table (sweep.md has them too), then the notes."""
+    notes = [f"note: {n}" for n in report.get("notes", [])]
+    return "\n".join(tables(report) + notes).strip()

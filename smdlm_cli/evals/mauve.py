@@ -15,7 +15,11 @@ Not here: generating samples, loading the featuriser (scorer.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -46,16 +50,41 @@ def features(scorer: Scorer, texts: Sequence[str], batch_size: int = 8,
     return out
 
 
-def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = MAUVE_SEED) -> float:
-    """MAUVE of samples (q) against references (p), mauve-text's defaults otherwise."""
+def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = MAUVE_SEED,
+                notes: list[str] | None = None) -> float:
+    """MAUVE of samples (q) against references (p), mauve-text's defaults otherwise.
+
+    faiss writes its warnings (too few points for the clusters: MAUVE is then coarse) straight
+    to file descriptor 2, through any progress bar; they are caught and added to `notes`.
+    """
     import mauve
 
     if len(p_features) < 2 or len(q_features) < 2:
         raise UserError(f"MAUVE needs at least 2 references and 2 samples, got {len(p_features)} "
                         f"and {len(q_features)}")
-    result = mauve.compute_mauve(p_features=p_features, q_features=q_features, seed=seed,
-                                 verbose=False)
+    with _fd2_captured() as said:
+        result = mauve.compute_mauve(p_features=p_features, q_features=q_features, seed=seed,
+                                     verbose=False)
+    if notes is not None:
+        notes += [f"faiss: {line.removeprefix('WARNING ')}" for line in said if line.strip()]
     return float(result.mauve)
+
+
+@contextmanager
+def _fd2_captured() -> Iterator[list[str]]:
+    """Lines written to file descriptor 2 inside the block (C++ libraries bypass sys.stderr)."""
+    said: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            said += tmp.read().decode(errors="replace").splitlines()
 
 
 def reference_texts(cfg: DataConfig, tok, length: int, n: int, split: str = "valid",

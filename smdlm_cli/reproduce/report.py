@@ -231,8 +231,8 @@ def _switched_on(plan, figures: Path) -> list[str]:
 def _figure_and_tables(report: dict, png: Path, what: str) -> list[str]:
     """A sweep's figure (written to png) and its per-metric tables, as report lines."""
     sweep.plot(report, png)
-    body = sweep.markdown(report).split("\n", 1)[1].replace("\n## ", "\n#### ")
-    return [f"![{what}: metrics against NFE](figures/{png.name})", "", body.strip(), ""]
+    return [f"![{what}: metrics against NFE](figures/{png.name})", "", sweep.describe(report), "",
+            *sweep.tables(report, level="####"), ""]
 
 
 def _across_nfe(plan, figures: Path) -> list[str]:

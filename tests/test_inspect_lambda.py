@@ -91,3 +91,11 @@ def test_ckpt_option_names_the_run_like_every_command(run):
     assert report("--ckpt", str(run)) == report(str(run))
     clash = runner.invoke(app, ["inspect-lambda", str(run), "--ckpt", str(run / "other")])
     assert clash.exit_code == 2 and "name the run once" in clash.stderr
+
+
+def test_the_terminal_table_stays_short():
+    from smdlm_cli.commands.inspect_lambda import table_steps
+
+    assert table_steps(5) == [0, 1, 2, 3, 4]
+    steps = table_steps(32)
+    assert len(steps) == 12 and steps[0] == 0 and steps[-1] == 31 and steps == sorted(set(steps))

@@ -93,16 +93,22 @@ def plot_curve(info: dict, file: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(h, lam)
     ax.axvline(info["key_points"]["entropy_at_half_scale"], ls=":", c="grey", label="λ = scale/2")
+    # where the model's own predictions lie: what explains a λ that stays near 0
+    fed = [v for v in info.get("decode", {}).get("entropy_q50", []) if v is not None]
+    if fed:
+        ax.axvspan(min(fed), max(fed), color="tab:orange", alpha=0.2,
+                   label="median H fed back, per decoding step")
     ax.set(xlabel="entropy of the prediction H(p) (nats)", ylabel="λ",
            title=f"scale {info['scale']:.3g}, centre {info['centre']:.3g}, "
-                 f"steepness {info['steepness']:.3g}, k {info['k']}")
+                 f"steepness {info['steepness']:.3g}, k {info['k']}"
+                 + ("" if fed else "\n(--decode also marks the entropies the model feeds back)"))
     ax.legend()
     file.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(file, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-def plot_decode(stats: dict, file: Path) -> None:
+def plot_decode(stats: dict, file: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,10 +121,13 @@ def plot_decode(stats: dict, file: Path) -> None:
     a.fill_between(steps, get("lam_q10"), get("lam_q90"), alpha=0.3, label="q10–q90")
     a.plot(steps, get("lam_mean"), label="mean")
     a.plot(steps, get("lam_q50"), ls="--", label="median")
-    a.set(ylabel="λ over masked positions")
+    a.set(ylabel="λ over masked positions", title=title)
+    positive = [v for v in get("lam_q90") if v == v and v > 0]
+    if positive and max(positive) < 1e-2:  # decades, not a linear axis at "×1e-18"
+        a.set_yscale("log")
     a.legend()
     b.plot(steps, get("lam_share_gt_0.1"))
-    b.set(xlabel="decoding step", ylabel="share of masks with λ > 0.1")
+    b.set(xlabel="decoding step", ylabel="share of masks with λ > 0.1", ylim=(0.0, 1.0))
     file.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(file, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -158,16 +167,25 @@ def run(target: str | None, *, png: Path | None = None, decode: bool = False, sa
     info = describe(softmask, vocab)
     base = path if is_run else path.parent
     png = png or base / ("lambda.png" if is_run else f"{path.stem}-lambda.png")
-    plot_curve(info, png)
-    err.print(f"λ curve written to {png}")
     if decode:
         if not is_run:
             raise UserError(f"--decode: {path} is a JSON file; expected a run directory (it samples)")
         info["decode"] = decode_stats(path, sampling)
         decode_png = decode_png or base / "lambda-decode.png"
-        plot_decode(info["decode"], decode_png)
+        plot_decode(info["decode"], decode_png, f"λ while decoding {path.name}: "
+                    f"{sampling.sampler or 'mdlm'} sampler, NFE {sampling.nfe}, "
+                    f"{sampling.num_samples} samples")
         err.print(f"λ over decoding steps written to {decode_png}")
+    plot_curve(info, png)
+    err.print(f"λ curve written to {png}")
     return info, path
+
+
+def table_steps(n: int, rows: int = 12) -> list[int]:
+    """At most `rows` steps, evenly spread, first and last included."""
+    if n <= rows:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (rows - 1)) for i in range(rows)})
 
 
 def show(info: dict, path: Path, console: Console) -> None:
@@ -197,6 +215,13 @@ def show(info: dict, path: Path, console: Console) -> None:
         for col in ("step", "mean", "q10", "q50", "q90", "share λ>0.1"):
             steps.add_column(col, justify="right")
         fmt = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
-        for i in range(len(d["lam_mean"])):
+        shown = table_steps(len(d["lam_mean"]))
+        for i in shown:
             steps.add_row(str(i), *(fmt(d[key][i]) for key in DECODE_KEYS))
         console.print(steps)
+        if len(shown) < len(d["lam_mean"]):
+            console.print(f"{len(shown)} of {len(d['lam_mean'])} steps shown; --json has every step")
+        top = max((v for v in d["lam_q90"] if v is not None), default=0.0)
+        if top < 1e-3:
+            console.print(f"λ stays below {top:.2g} at 90% of the masks: the predictions fed back "
+                          f"are too unsure for this ω (see the entropies marked on the λ plot)")

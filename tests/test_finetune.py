@@ -236,3 +236,25 @@ def test_publish_never_leaves_the_run_without_an_adapter(tmp_path, monkeypatch):
         finetune.publish(Adapter("v2"), tmp_path)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_text() == "v1"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter-")]
+
+
+def test_source_segment_equals_the_standard_library_one():
+    """The python-functions set splits each file once; its segments equal ast's."""
+    import ast
+    import io
+
+    from smdlm_cli.core.data import stdlib_files
+
+    checked = 0
+    for path in stdlib_files()[:40]:
+        source = path.read_text(errors="replace")
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        lines = io.StringIO(source, newline="").readlines()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+                assert sft.source_segment(lines, node) == ast.get_source_segment(source, node)
+                checked += 1
+    assert checked > 500

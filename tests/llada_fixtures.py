@@ -92,3 +92,24 @@ def reference_logits(state: dict, c: LLaDAConfig, x, keep=None, positions=None):
     h = rms(h, state[P + "ln_f.weight"])
     out = state[P + "wte.weight"] if c.weight_tying else state[P + "ff_out.weight"]
     return h @ out.T
+
+
+def write_chat_base(path: Path) -> Path:
+    """A tiny LLaDA checkpoint with a tokenizer beside it that holds LLaDA's turn tokens and a chat
+    template of its shape, as a LLaDA-Instruct directory."""
+    import copy
+
+    from runs import tokenizer
+    from smdlm_cli.core.tiny_llada import CHAT, TURN_TOKENS
+
+    tok = copy.deepcopy(tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": TURN_TOKENS})
+    tok.chat_template = CHAT
+    model = random_llada(vocab_size=len(tok), embedding_size=-(-len(tok) // 8) * 8,
+                         mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.eos_token_id, max_sequence_length=512)
+    for name, p in model.named_parameters():
+        torch.nn.init.normal_(p, mean=1.0 if name.endswith("norm.weight") else 0.0, std=0.05)
+    write_checkpoint(model, path, dtype=torch.float32)
+    tok.save_pretrained(path)
+    return path

@@ -168,5 +168,5 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path):
     (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "d_model"}))
     with pytest.raises(UserError, match="missing d_model; expected a LLaDA config.json"):
         load_model(str(path))
-    with pytest.raises(UserError, match="GSAI-ML/LLaDA-8B-Instruct: weights not found locally"):
+    with pytest.raises(UserError, match="weights 'GSAI-ML/LLaDA-8B-Instruct': not found locally"):
         load_model("GSAI-ML/LLaDA-8B-Instruct")

@@ -3,8 +3,8 @@ with SM.
 
 The base model (`model.init`: a Dream or LLaDA hub name or directory, or `tiny-dream` /
 `tiny-llada`, small randomly initialised models of those layouts built here for offline use) is
-frozen and wrapped by peft with
-DoRA or LoRA adapters; the SoftMask parameters train beside them at their own learning rate. The
+frozen and wrapped by peft with DoRA or LoRA adapters; the SoftMask parameters train beside them
+at their own learning rate. The
 loop is pretrain's (core/trainer.py) with the fine-tuning objective: chat-formatted examples,
 prompt never masked, one t per batch in [t_min, t_max], (1/t)-weighted loss.
 A run directory holds adapter/ (adapter_config.json, adapter_model.safetensors), base.json (where

@@ -24,8 +24,12 @@ ALL = [("mdlm", {}), ("remdm-cap", {}), ("remdm-loop", {}),
        ("confidence", {"alg": "entropy", "temperature": 0.5}),
        ("confidence", {"alg": "maskgit_plus", "temperature": 1.0, "top_p": 0.9}),
        ("confidence", {"alg": "topk_margin", "temperature": 0.0, "alg_temp": 0.5}),
-       ("confidence", {"alg": "origin", "temperature": 1.0, "top_k": 5})]
-IDS = [f"{s}-{kw.get('alg', '')}" for s, kw in ALL]
+       ("confidence", {"alg": "origin", "temperature": 1.0, "top_k": 5}),
+       ("confidence", {"alg": "low_confidence", "transfer": "even", "temperature": 0.7,
+                       "cfg_scale": 1.0}),
+       ("confidence", {"alg": "random", "temperature": 0.5}),
+       ("mdlm", {"cfg_scale": 0.5})]
+IDS = [f"{s}-{kw.get('alg', '')}" + ("-cfg" if kw.get("cfg_scale") else "") for s, kw in ALL]
 
 
 class Mock(nn.Module):

@@ -24,7 +24,7 @@ class Guided(nn.Module):
         super().__init__()
         self.inner, self.scale, self.prompt = model, scale, prompt
         self.mask_id, self.vocab_size = model.mask_id, model.vocab_size
-        self.config = model.config
+        self.config = getattr(model, "config", None)
         self.train(model.training)  # the loop restores the mode it finds: the inner model's
 
     def embedding_weight(self) -> Tensor:
@@ -51,5 +51,7 @@ class Guided(nn.Module):
         if position_ids is not None:
             both["position_ids"] = (torch.cat((position_ids, position_ids))
                                     if position_ids.dim() == 2 else position_ids)
-        cond, un = self.inner(cache=cache, **both).chunk(2)
+        if cache is not None:
+            both["cache"] = cache
+        cond, un = self.inner(**both).chunk(2)
         return un + (self.scale + 1) * (cond - un)

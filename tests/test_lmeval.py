@@ -152,14 +152,3 @@ def test_evaluate_lm_eval_command_writes_smdlm_s_report(run, tasks, tmp_path):
                               "--include-path", str(tasks), "--no-builtin-tasks"])
     assert bad.exit_code == 2 and "no_such_task" in bad.stderr and bad.stderr.count("\n") == 1
 
-
-def test_lm_eval_command_line_finds_the_smdlm_model(run, tasks, capsys):
-    """`python -m smdlm_cli.evals.lmeval` is lm-eval's own command line with "smdlm" registered."""
-    from smdlm_cli.evals import lmeval
-
-    lmeval.main(["--model", "smdlm", "--model_args", f"ckpt={run},k=0,mc_num=4", "--tasks",
-                 "smdlm_tiny_mc", "--include_path", str(tasks), "--device", "cpu"])
-    table = capsys.readouterr().out
-    row = next(line for line in table.splitlines() if "smdlm_tiny_mc" in line)
-    cells = [c.strip() for c in row.split("|")]
-    assert cells[cells.index("acc") + 2] == "1"   # | acc | ↑ | value |

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from llada_fixtures import write_chat_base
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core.io import load_tensors
 from smdlm_cli.core.models import load_model
 from smdlm_cli.core.models.llada import LLaDA

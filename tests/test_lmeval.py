@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core import rundir
 from smdlm_cli.core.generate import choose_softmask, completion, generate
 from smdlm_cli.core.twopass import TwoPass

@@ -152,3 +152,27 @@ def test_evaluate_lm_eval_command_writes_smdlm_s_report(run, tasks, tmp_path):
                               "--include-path", str(tasks), "--no-builtin-tasks"])
     assert bad.exit_code == 2 and "no_such_task" in bad.stderr and bad.stderr.count("\n") == 1
 
+
+
+def test_rolling_loglikelihood_adds_the_elbo_of_model_length_windows(run):
+    class Request:
+        def __init__(self, text):
+            self.args = (text,)
+
+    lm = SMDLM(ckpt=str(run), mc_num=4, seed=3, device="cpu")
+    tok, model = lm.tokenizer, lm.model
+    text = " ".join(SENTENCES * 2)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    window = model.config.model_length - 2          # [BOS] + window fits the model
+    assert len(ids) > window
+    piece = SENTENCES[0][:15]
+    short, long = lm.loglikelihood_rolling([Request(piece), Request(text)])
+
+    def elbo(i, target):
+        return elbo_loglikelihood(model, lm.softmask, [tok.bos_token_id], target, 4, 32,
+                                  torch.Generator().manual_seed(3 + i))[0]
+
+    assert len(tok(piece, add_special_tokens=False)["input_ids"]) <= window
+    assert short == pytest.approx(elbo(0, tok(piece, add_special_tokens=False)["input_ids"]))
+    assert long == pytest.approx(sum(elbo(1, ids[s:s + window]) for s in range(0, len(ids), window)))
+    assert long < short < 0

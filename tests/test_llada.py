@@ -170,3 +170,21 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path):
         load_model(str(path))
     with pytest.raises(UserError, match="weights 'GSAI-ML/LLaDA-8B-Instruct': not found locally"):
         load_model("GSAI-ML/LLaDA-8B-Instruct")
+
+
+def test_tokenizer_holding_llada_s_mask_uses_it(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from smdlm_cli.core.tokenizer import load_tokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<|mdm_mask|>": 2, "a": 3, "b": 4}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<|startoftext|>",
+                                  eos_token="<|endoftext|>",
+                                  additional_special_tokens=["<|mdm_mask|>"])
+    assert tok.mask_token is None                     # as LLaDA's: held, not declared
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.mask_token == "<|mdm_mask|>" and loaded.mask_token_id == 2 and len(loaded) == 5

@@ -375,6 +375,7 @@ def test_softmask_feedback_on_log_probs_equals_feedback_on_logits(vocab, k):
     ("remdm-loop", {"alpha_on": 0.99}, "eta <= \\(1 - alpha_on\\) / alpha_on"),
     ("confidence", {"alg": "rand"}, "alg = 'rand', expected one of origin"),
     ("confidence", {"transfer": "uneven"}, "transfer = 'uneven', expected one of dream, even"),
+    ("confidence", {"transfer": "even", "alg": "origin"}, "alg origin unmasks each position"),
     ("mdlm", {"cfg_scale": -1.0}, "cfg_scale = -1.0, expected a number >= 0"),
     ("confidence", {"top_k": 0}, "top_k = 0, expected an integer >= 1"),
     ("confidence", {"temperature": "hot"}, "temperature = 'hot', expected a number"),

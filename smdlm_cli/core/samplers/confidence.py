@@ -272,6 +272,9 @@ def check_options(o: dict) -> list[str]:
         bad.append(f"alg_temp = {o['alg_temp']}, expected a number >= 0 (0 = top-k)")
     if o["transfer"] not in TRANSFERS:
         bad.append(f"transfer = {o['transfer']!r}, expected one of {', '.join(TRANSFERS)}")
+    elif o["transfer"] != "dream" and o["alg"] == "origin":
+        bad.append("transfer = even: alg origin unmasks each position by its own chance; expected "
+                   "another alg with a transfer schedule")
     bl = o["block_length"]
     if bl is not None and not (isinstance(bl, int) and bl >= 1):
         bad.append(f"block_length = {bl}, expected an integer >= 1 or None")

@@ -148,6 +148,10 @@ def test_evaluate_lm_eval_command_writes_smdlm_s_report(run, tasks, tmp_path):
     assert report["task"] == "lm-eval" and report["settings"]["tasks"] == ["smdlm_tiny_mc"]
     assert report["smdlm_tiny_mc/acc"] == 1.0 and report["settings"]["model_args"]["k"] == 0
     assert json.loads((tmp_path / "r.json").read_text()) == report
+    import smdlm_cli.api as api
+    again = api.evaluate("lm-eval", run, tasks=["smdlm_tiny_mc"], include_path=str(tasks),
+                         builtin=False, mc_num=4, k=0, device="cpu", out=str(tmp_path / "a.json"))
+    assert again["smdlm_tiny_mc/acc"] == 1.0 and again["results"] == report["results"]
     bad = runner.invoke(app, ["evaluate", "lm-eval", "--ckpt", str(run), "--tasks", "no_such_task",
                               "--include-path", str(tasks), "--no-builtin-tasks"])
     assert bad.exit_code == 2 and "no_such_task" in bad.stderr and bad.stderr.count("\n") == 1

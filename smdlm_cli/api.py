@@ -94,7 +94,8 @@ def generate(run: Run | str | Path, prompts: Sequence[str] | None = None, *,
 
 
 def evaluate(task: str, run: str | Path | None = None, **settings) -> dict:
-    """`smdlm evaluate TASK` without the command line: elbo, genppl, mauve, humaneval or mbpp.
+    """`smdlm evaluate TASK` without the command line: elbo, genppl, mauve, humaneval, mbpp or
+    lm-eval.
 
     Keywords are the command's settings by their field names (e.g. scorer=..., nfe=...,
     num_samples=..., limit=...); the report is also written under RUN/reports/ as the CLI does.
@@ -120,4 +121,9 @@ def evaluate(task: str, run: str | Path | None = None, **settings) -> dict:
         return command.mauve(sampling, rest.get("samples"), rest.get("featurizer", command.DEFAULT_SCORER),
                              rest.get("refs"), rest.get("num_refs", 0), sampling.batch_size,
                              rest.get("out"))[0]
-    raise UserError(f"evaluate {task!r}: expected elbo, genppl, mauve, humaneval or mbpp")
+    if task == "lm-eval":  # rest: the fields of commands/lmeval.LmEvalSettings (tasks=[...], ...)
+        from smdlm_cli.commands import lmeval
+
+        return lmeval.run(replace(sampling, nfe=settings.get("nfe", 0)),
+                          lmeval.LmEvalSettings(**rest))[0]
+    raise UserError(f"evaluate {task!r}: expected elbo, genppl, mauve, humaneval, mbpp or lm-eval")

@@ -22,6 +22,8 @@ ROOT = Path(__file__).parents[1]
 SMALL = ["data.max_docs=40", "data.vocab_size=400", "model.length=64", "train.steps=6",
          "train.batch_size=4", "train.eval_every=3", "train.eval_batches=1", "train.save_every=3",
          "train.log_every=1", "train.warmup=2"]
+LLADA_SMALL = ["data.max_docs=20", "train.steps=2", "train.batch_size=2", "train.eval_every=2",
+               "train.eval_batches=1", "train.save_every=2", "train.log_every=1", "train.warmup=1"]
 FT_SMALL = ["data.max_docs=80", "train.steps=4", "train.batch_size=4", "train.eval_every=2",
             "train.eval_batches=1", "train.save_every=2", "train.log_every=1", "train.warmup=1",
             "finetune.max_length=192"]
@@ -43,12 +45,16 @@ def shrink(command: str) -> list[str]:
         extra = [a for kv in SMALL for a in ("--set", kv)]
     elif "finetune" in argv and "tiny-dream" in command:  # the 7B recipes too
         extra = [a for kv in FT_SMALL for a in ("--set", kv)]
+    elif "finetune" in argv and "tiny-llada" in command:  # the 8B recipe too
+        extra = [a for kv in LLADA_SMALL for a in ("--set", kv)]
     elif argv[1] == "reproduce":
         extra = ["--smoke"]  # the whole chain, at a size that takes two minutes
     elif argv[1:3] in (["evaluate", "genppl"], ["evaluate", "sweep"]):
         extra = ["--num-samples", "8"]  # click keeps the last value of a repeated option
     if argv[0] == "smdlm":
         argv = [sys.executable, "-m", "smdlm_cli"] + argv[1:]  # the same app as the console script
+    elif argv[0] == "python":
+        argv = [sys.executable] + argv[1:]
     return argv + extra
 
 
@@ -61,6 +67,7 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
     (d / "recipes").symlink_to(ROOT / "recipes")
+    (d / "examples").symlink_to(ROOT / "examples")
     return d
 
 
@@ -73,8 +80,9 @@ def test_install_and_test_commands_are_what_ci_runs():
 
 def test_every_readme_command_is_known_here():
     for command in readme_commands():
-        assert command.startswith(("pip ", "python -m pytest", "smdlm ", "torchrun ")), command
-    smdlm = [c for c in readme_commands() if c.startswith(("smdlm ", "torchrun "))]
+        assert command.startswith(("pip ", "python -m pytest", "smdlm ", "torchrun ",
+                                   "python -m smdlm_cli")), command
+    smdlm = [c for c in readme_commands() if c.startswith(("smdlm ", "torchrun ", "python -m smdlm_cli"))]
     assert smdlm == [c for c in EXERCISED], "README commands changed: update EXERCISED"
 
 
@@ -206,6 +214,47 @@ def dream_offline(result, cwd):
     assert not (cwd / "runs" / "dream-coder-sm").exists()
 
 
+def llada_finetuned(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = cwd / "runs" / "tiny-llada"
+    config = json.loads((run_dir / "base" / "config.json").read_text())
+    assert config["model_type"] == "llada" and "d_model" in config
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "attn_out"}
+    assert "dora r=16" in result.stderr and (run_dir / "softmask.json").exists()
+
+
+def llada_sampled(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = cwd / result.stdout.strip().splitlines()[-1]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 4 and rows[0]["prompt"].endswith("assistant<|end_header_id|>\n\n")
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["settings"]["options"] == {"alg": "low_confidence", "transfer": "even",
+                                              "block_length": 32, "cfg_scale": 0.5}
+
+
+def llada_offline(result, cwd):
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "GSAI-ML/LLaDA-8B-Instruct" in result.stderr
+    assert not (cwd / "runs" / "llada-sm").exists()
+
+
+def lm_eval_run(result, cwd):
+    path, report = _report(result, cwd, "lm-eval")
+    assert path.parent == cwd / "runs" / "tiny-llada" / "reports"
+    assert 0 <= report["smdlm_demo_mc/acc"] <= 1 and 0 <= report["smdlm_demo_gen/exact_match"] <= 1
+    assert report["n-samples"]["smdlm_demo_mc"]["effective"] == 5
+    assert report["settings"]["model_args"]["alg"] == "low_confidence"
+
+
+def lm_eval_cli(result, cwd):
+    # lm-eval's own command line and its results table
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if "smdlm_demo_mc" in line)
+    assert "|acc" in row.replace(" ", "")
+
+
 def longer(result, cwd):
     assert result.returncode == 0, result.stderr[-2000:]
     recipe = (cwd / "runs" / "longer" / "recipe.toml").read_text()
@@ -247,6 +296,11 @@ EXERCISED = {
     "smdlm sample --ckpt runs/tiny-dream --sampler confidence --nfe 64 --length 128 -o block_length=32 -o cache=dual -o threshold=0.9": dream_sampled,
     "smdlm evaluate humaneval --ckpt runs/tiny-dream --format instruct --limit 3 --max-new-tokens 64 --sampler confidence -o cache=prefix -o block_length=32": dream_evaluated,
     "smdlm finetune recipes/dream-coder-sm.toml": dream_offline,
+    "smdlm finetune recipes/tiny-llada.toml": llada_finetuned,
+    "smdlm sample --ckpt runs/tiny-llada --chat --prompt \"Return the sum of a list.\" --sampler confidence --nfe 64 --length 128 -o alg=low_confidence -o transfer=even -o block_length=32 -o cfg_scale=0.5": llada_sampled,
+    "smdlm finetune recipes/llada-sm.toml": llada_offline,
+    "smdlm evaluate lm-eval --ckpt runs/tiny-llada --chat --tasks smdlm_demo_mc,smdlm_demo_gen --include-path examples/lm-eval --no-builtin-tasks --mc-num 8 --sampler confidence --nfe 16 -o alg=low_confidence -o transfer=even -o block_length=16": lm_eval_run,
+    "python -m smdlm_cli.evals.lmeval --model smdlm --model_args ckpt=runs/tiny-llada,k=1,mc_num=8 --tasks smdlm_demo_mc --include_path examples/lm-eval --device cpu": lm_eval_cli,
     "smdlm pretrain recipes/quickstart.toml --out runs/longer --set train.steps=1000 --set softmask.prob=0.5": longer,
     "smdlm pretrain runs/longer/recipe.toml --out runs/longer --resume": resumed,
     "smdlm pretrain recipes/owt.toml": owt_offline,

@@ -24,8 +24,12 @@ ALL = [("mdlm", {}), ("remdm-cap", {}), ("remdm-loop", {}),
        ("confidence", {"alg": "entropy", "temperature": 0.5}),
        ("confidence", {"alg": "maskgit_plus", "temperature": 1.0, "top_p": 0.9}),
        ("confidence", {"alg": "topk_margin", "temperature": 0.0, "alg_temp": 0.5}),
-       ("confidence", {"alg": "origin", "temperature": 1.0, "top_k": 5})]
-IDS = [f"{s}-{kw.get('alg', '')}" for s, kw in ALL]
+       ("confidence", {"alg": "origin", "temperature": 1.0, "top_k": 5}),
+       ("confidence", {"alg": "low_confidence", "transfer": "even", "temperature": 0.7,
+                       "cfg_scale": 1.0}),
+       ("confidence", {"alg": "random", "temperature": 0.5}),
+       ("mdlm", {"cfg_scale": 0.5})]
+IDS = [f"{s}-{kw.get('alg', '')}" + ("-cfg" if kw.get("cfg_scale") else "") for s, kw in ALL]
 
 
 class Mock(nn.Module):
@@ -369,7 +373,10 @@ def test_softmask_feedback_on_log_probs_equals_feedback_on_logits(vocab, k):
     ("remdm-cap", {"eta": -1.0}, "eta = -1.0, expected a number >= 0"),
     ("remdm-loop", {"t_on": 0.05, "t_off": 0.5}, "expected 0 < t_off < t_on < 1"),
     ("remdm-loop", {"alpha_on": 0.99}, "eta <= \\(1 - alpha_on\\) / alpha_on"),
-    ("confidence", {"alg": "random"}, "alg = 'random', expected one of origin"),
+    ("confidence", {"alg": "rand"}, "alg = 'rand', expected one of origin"),
+    ("confidence", {"transfer": "uneven"}, "transfer = 'uneven', expected one of dream, even"),
+    ("confidence", {"transfer": "even", "alg": "origin"}, "alg origin unmasks each position"),
+    ("mdlm", {"cfg_scale": -1.0}, "cfg_scale = -1.0, expected a number >= 0"),
     ("confidence", {"top_k": 0}, "top_k = 0, expected an integer >= 1"),
     ("confidence", {"temperature": "hot"}, "temperature = 'hot', expected a number"),
     ("beam", {}, "sampler = 'beam', expected one of mdlm"),

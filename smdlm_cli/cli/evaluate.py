@@ -1,6 +1,7 @@
-"""The `smdlm evaluate` commands: humaneval, mbpp, elbo, genppl, mauve, sweep. Parsing only.
+"""The `smdlm evaluate` commands: humaneval, mbpp, elbo, genppl, mauve, sweep, lm-eval. Parsing
+only.
 
-Each command hands over to commands/evaluate.py (sweep.py for the sweep), imported only when it
+Each command hands over to commands/evaluate.py (sweep.py, lmeval.py), imported only when it
 runs. stdout carries the report's path, or the report itself with --json; progress and summaries
 go to stderr. Errors are handled by the root group: one line, exit code 2.
 """
@@ -14,7 +15,7 @@ from smdlm_cli.cli.options import (AsJson, Ckpt, Device, ReportOut, Samples, Sco
 
 evaluate_app = typer.Typer(name="evaluate", no_args_is_help=True, add_completion=False,
                            pretty_exceptions_enable=False,
-                           help="Evaluate: humaneval, mbpp, elbo, genppl, mauve, sweep.")
+                           help="Evaluate: humaneval, mbpp, elbo, genppl, mauve, sweep, lm-eval.")
 
 CODE_DECODING = ("ckpt", "nfe", "k", "sampler", "batch_size", "top_p", "temperature", "option",
                  "seed", "sm_schedule", "exact", "device")
@@ -169,3 +170,37 @@ def sweep(ckpt: Annotated[list[str], typer.Option("--ckpt", metavar="DIR", help=
                               num_refs=num_refs, device=d.device, out=out)
     report, path = command.run(w)
     emit(report, path, as_json, [command.summary(report)])
+
+
+@evaluate_app.command("lm-eval")
+@decoding(*CODE_DECODING, nfe=0)
+def lm_eval(tasks: Annotated[str, typer.Option("--tasks", help="comma-separated lm-eval task "
+                                               "names, e.g. gsm8k,hellaswag")],
+            include_path: Annotated[Optional[str], typer.Option(
+                "--include-path", metavar="DIR", help="directory of task YAMLs of your own")] = None,
+            builtin: Annotated[bool, typer.Option(
+                "--builtin-tasks/--no-builtin-tasks", help="also index lm-eval's own tasks (about "
+                "15 s)")] = True,
+            num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot")] = None,
+            limit: Annotated[Optional[float], typer.Option(
+                "--limit", help="documents per task (a fraction if < 1)")] = None,
+            chat: Annotated[bool, typer.Option(
+                "--chat", help="the tokenizer's chat template (lm-eval's --apply_chat_template), "
+                "for instruct models")] = False,
+            mc_num: Annotated[int, typer.Option(
+                "--mc-num", help="Monte-Carlo samples per loglikelihood (LLaDA's ELBO; 1 is enough "
+                "for one-token answers)")] = 128,
+            mc_batch_size: Annotated[int, typer.Option(
+                "--mc-batch-size", help="Monte-Carlo samples scored together")] = 32,
+            out: ReportOut = None, as_json: AsJson = False, *, decoding) -> None:
+    """lm-evaluation-harness tasks (generate and loglikelihood) through smdlm's sampler and ELBO."""
+    from smdlm_cli.commands import lmeval as command
+
+    e = command.LmEvalSettings(tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                               include_path=include_path, builtin=builtin, num_fewshot=num_fewshot,
+                               limit=limit, chat=chat, mc_num=mc_num, mc_batch_size=mc_batch_size,
+                               out=out)
+    report, path = command.run(decoding, e)
+    scores = "  ".join(f"{name} {value:.4f}" for name, value in report.items()
+                       if "/" in name and "stderr" not in name and isinstance(value, float))
+    emit(report, path, as_json, [f"lm-eval: {', '.join(e.tasks)}: {scores}"])

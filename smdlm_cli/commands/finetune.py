@@ -1,8 +1,10 @@
-"""`smdlm finetune RECIPE`: DoRA/LoRA fine-tuning of a large MDLM (Dream-7B, Dream-Coder-7B) with SM.
+"""`smdlm finetune RECIPE`: DoRA/LoRA fine-tuning of a large MDLM (Dream-7B, Dream-Coder-7B, LLaDA-8B)
+with SM.
 
-The base model (`model.init`: a Dream hub name or directory, or `tiny-dream`, a small randomly
-initialised Dream-layout model built here for offline use) is frozen and wrapped by peft with
-DoRA or LoRA adapters; the SoftMask parameters train beside them at their own learning rate. The
+The base model (`model.init`: a Dream or LLaDA hub name or directory, or `tiny-dream` /
+`tiny-llada`, small randomly initialised models of those layouts built here for offline use) is
+frozen and wrapped by peft with DoRA or LoRA adapters; the SoftMask parameters train beside them
+at their own learning rate. The
 loop is pretrain's (core/trainer.py) with the fine-tuning objective: chat-formatted examples,
 prompt never masked, one t per batch in [t_min, t_max], (1/t)-weighted loss.
 A run directory holds adapter/ (adapter_config.json, adapter_model.safetensors), base.json (where
@@ -29,6 +31,7 @@ from smdlm_cli.core.io import atomic_write_json
 from smdlm_cli.core.models import load_model, save_model
 from smdlm_cli.core.softmask import SoftMask
 from smdlm_cli.core.tiny_dream import TINY_DREAM, build_tiny_dream
+from smdlm_cli.core.tiny_llada import TINY_LLADA, build_tiny_llada
 from smdlm_cli.core.tokenizer import load_tokenizer
 
 
@@ -36,19 +39,22 @@ def _base(recipe: Recipe, run_dir: Path, main: bool) -> str:
     init = recipe.model.init
     if not init:
         raise UserError("model.init is empty; expected the base model to fine-tune (a Dream hub "
-                        "name such as Dream-org/Dream-Coder-v0-Instruct-7B, a directory, or tiny-dream)")
-    if init != TINY_DREAM:
+                        "name such as Dream-org/Dream-Coder-v0-Instruct-7B, a directory, tiny-dream "
+                        "or tiny-llada)")
+    tiny = {TINY_DREAM: ("Dream", build_tiny_dream), TINY_LLADA: ("LLaDA", build_tiny_llada)}
+    if init not in tiny:
         return init
     base = run_dir / "base"
     if main and not (base / "config.json").exists():
-        console.print("building the tiny Dream-layout base model (random weights) ...")
-        build_tiny_dream(base, recipe.data, seed=recipe.train.seed)
+        layout, build = tiny[init]
+        console.print(f"building the tiny {layout}-layout base model (random weights) ...")
+        build(base, recipe.data, seed=recipe.train.seed)
     barrier()
     return str(base)
 
 
 def _portable(base: str, run_dir: Path) -> str:
-    """base.json's path: relative to the run for a base inside it (tiny-dream), absolute for other
+    """base.json's path: relative to the run for a base inside it (tiny-*), absolute for other
     directories, a hub name as is; so the run loads from any working directory and moves whole."""
     path = Path(base)
     if not path.is_dir():
@@ -71,8 +77,10 @@ def _wrap(model, recipe: Recipe):
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = [m for m in f.target_modules if m not in names]
     if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
         raise UserError(f"finetune.target_modules: {unknown[0]!r} is not a module of the base "
-                        f"model; expected names such as q_proj, k_proj, v_proj, o_proj, gate_proj")
+                        f"model; expected names among {', '.join(linear)}")
     config = LoraConfig(r=f.r, lora_alpha=f.alpha, lora_dropout=f.dropout, bias="none",
                         target_modules=list(f.target_modules), use_dora=f.method == "dora")
     return get_peft_model(model, config)

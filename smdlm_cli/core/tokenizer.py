@@ -19,6 +19,8 @@ from smdlm_cli.core.errors import UserError
 
 BOUNDARY = "<|endoftext|>"  # BOS and EOS at once, as GPT-2 and MDLM's wrapped blocks use it
 MASK = "[MASK]"
+# Mask tokens that tokenizers hold without declaring them as mask_token: LLaDA's (id 126336).
+UNDECLARED_MASKS = ("<|mdm_mask|>",)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
@@ -33,7 +35,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     finally:
         hf_logging.set_verbosity(verbosity)
     if tok.mask_token is None:
-        tok.add_special_tokens({"mask_token": MASK})
+        vocab = tok.get_vocab()
+        known = [m for m in UNDECLARED_MASKS if m in vocab]
+        tok.add_special_tokens({"mask_token": known[0] if known else MASK})
     if tok.bos_token is None or tok.eos_token is None:
         boundary = tok.eos_token or tok.bos_token or BOUNDARY
         tok.add_special_tokens({"bos_token": boundary, "eos_token": boundary})

@@ -2,8 +2,8 @@
 
 A model directory is `config.json` + `model.safetensors` (or shards with an index). Its
 `model_type` picks the adapter: "mdlm" (keys with the `backbone.` prefix, the layout of
-kuleshov-group/mdlm-owt and of smdlm's runs) or "Dream" (Qwen2 key names, as Dream-org's
-checkpoints). A run, a downloaded checkpoint and a hub name all load through `load_model`.
+kuleshov-group/mdlm-owt and of smdlm's runs), "Dream" (Qwen2 key names, as Dream-org's
+checkpoints) or "llada" (LLaDA's own key names, as GSAI-ML's checkpoints). A run, a downloaded checkpoint and a hub name all load through `load_model`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json, atomic_save_tensors, load_tensors
 from smdlm_cli.core.models.dit import DiT, DiTConfig
 from smdlm_cli.core.models.dream import Dream, DreamConfig
+from smdlm_cli.core.models.llada import LLaDA, LLaDAConfig
 
-ADAPTERS = {"mdlm": (DiTConfig, DiT), "dit": (DiTConfig, DiT), "dream": (DreamConfig, Dream)}
+ADAPTERS = {"mdlm": (DiTConfig, DiT), "dit": (DiTConfig, DiT), "dream": (DreamConfig, Dream),
+            "llada": (LLaDAConfig, LLaDA)}
+# Adapters of large checkpoints: built on the meta device, stored dtype kept, own key names.
+LARGE = (Dream, LLaDA)
 
 PREFIX = "backbone."
 # Keys a model file may hold that are not the backbone's: the official SM TransparencyHead (read by
@@ -45,7 +49,7 @@ def resolve(path_or_name: str) -> Path:
         "a local model directory, or a hub name downloaded on a connected machine"))
 
 
-def read_config(model_dir: Path) -> DiTConfig | DreamConfig:
+def read_config(model_dir: Path) -> DiTConfig | DreamConfig | LLaDAConfig:
     file = model_dir / "config.json"
     try:
         config = json.loads(file.read_text())
@@ -56,7 +60,7 @@ def read_config(model_dir: Path) -> DiTConfig | DreamConfig:
     kind = str(config.get("model_type", "mdlm")).lower()
     if kind not in ADAPTERS:
         raise UserError(f"{file}: model_type {config.get('model_type')!r} is not supported; "
-                        f"expected mdlm (MDLM DiT) or Dream")
+                        f"expected mdlm (MDLM DiT), Dream or llada")
     return ADAPTERS[kind][0].from_json(config, str(file))
 
 
@@ -96,19 +100,22 @@ def load_state_into(model: nn.Module, path_or_name: str) -> dict[str, list[str]]
 
 
 def load_model(path_or_name: str, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None, weights: bool = True) -> DiT | Dream:
+               dtype: torch.dtype | None = None, weights: bool = True) -> DiT | Dream | LLaDA:
     """The Denoiser stored at a run directory, a model directory or a hub name.
 
     With weights=False only the architecture is built (the caller loads and reports keys itself).
     Any backbone key that is missing or unknown is an error: a silently half-loaded model would
-    train or sample garbage. Dream models keep their stored dtype unless `dtype` says otherwise.
+    train or sample garbage. Dream and LLaDA models keep their stored dtype unless `dtype` says
+    otherwise.
     """
     model_dir = resolve(path_or_name)
     if not (model_dir / "config.json").exists() and (model_dir / "adapter").is_dir():
         return _load_adapted(model_dir, device, dtype)
     config = read_config(model_dir)
     if isinstance(config, DreamConfig):
-        return _load_dream(model_dir, config, device, dtype, weights)
+        return _load_large(Dream, model_dir, config, device, dtype, weights)
+    if isinstance(config, LLaDAConfig):
+        return _load_large(LLaDA, model_dir, config, device, dtype, weights)
     model = DiT(config)
     if weights:
         report = load_state_into(model, str(model_dir))
@@ -119,18 +126,19 @@ def load_model(path_or_name: str, device: str | torch.device = "cpu",
     return model.to(device=device, dtype=dtype)
 
 
-def _load_dream(model_dir: Path, config: DreamConfig, device, dtype, weights: bool) -> Dream:
-    """Built on the meta device and filled with the stored tensors: a 7B model never exists twice
-    (or in fp32) in memory."""
+def _load_large(cls, model_dir: Path, config, device, dtype, weights: bool) -> Dream | LLaDA:
+    """Built on the meta device and filled with the stored tensors: a 7B/8B model never exists
+    twice (or in fp32) in memory."""
     if not weights:
-        return Dream(config).to(device=device, dtype=dtype)
+        return cls(config).to(device=device, dtype=dtype)
     tensors = read_weights(model_dir)
     with torch.device("meta"):
-        model = Dream(config)
+        model = cls(config)
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    if config.tie_word_embeddings:
+    dream_tied = cls is Dream and config.tie_word_embeddings
+    if dream_tied:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise UserError(f"{model_dir}: weights do not match config.json (missing {missing[:3]}, "
@@ -140,7 +148,7 @@ def _load_dream(model_dir: Path, config: DreamConfig, device, dtype, weights: bo
             raise UserError(f"{model_dir}: {k} has shape {tuple(v.shape)}, config.json implies "
                             f"{tuple(own[k].shape)}")
     model.load_state_dict(tensors, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if dream_tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device=device, dtype=dtype)
 
@@ -159,13 +167,14 @@ def _load_adapted(run_dir: Path, device, dtype) -> nn.Module:
     return PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
 
 
-def save_model(model: DiT | Dream, out_dir: str | Path) -> None:
+def save_model(model: DiT | Dream | LLaDA, out_dir: str | Path) -> None:
     """config.json + model.safetensors, each written atomically: a DiT with `backbone.*` keys in
-    fp32 (as MDLM-OWT), a Dream model with its Qwen2 key names in its own dtype."""
+    fp32 (as MDLM-OWT), a Dream or LLaDA model with its own key names in its own dtype."""
     out_dir = Path(out_dir)
-    if isinstance(model, Dream):
+    if isinstance(model, LARGE):
+        tied = isinstance(model, Dream) and model.config.tie_word_embeddings
         tensors = {k: v for k, v in model.state_dict().items()
-                   if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+                   if not (tied and k == "lm_head.weight")}
     else:
         tensors = {PREFIX + k: v.float() for k, v in model.state_dict().items()}
     atomic_save_tensors(out_dir / "model.safetensors", tensors, metadata={"format": "pt"})

@@ -40,6 +40,7 @@ from smdlm_cli.core.diffusion import subs_log_probs
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.samplers import confidence
 from smdlm_cli.core.samplers.feedback import Feedback
+from smdlm_cli.core.samplers.guidance import Guided
 from smdlm_cli.core.softmask import SoftMask
 
 CACHES = ("none", "prefix", "dual")
@@ -135,6 +136,8 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
     shift = [start - f if f < L else 0 for f in first]
     x, real, position_ids = _align(x, real, shift, pad=0)
     gen = (x == mask_id) & real
+    if o["cfg_scale"] > 0:
+        model = Guided(model, o["cfg_scale"], real & ~gen)
     gen_host = gen.cpu()
     width = x.shape[1]
     plan = confidence.build(gen, gen_host, generators, steps, mask_id, o)
@@ -175,10 +178,9 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
                 if not any(left):
                     break
                 rows = [r for r in range(B) if left[r] > 0]
-                # the k schedule on the current counts (Dream's float32 formula), raised by the rule
-                ks = [n if local == spb - 1 else int(torch.tensor(n, dtype=torch.float32) * frac[local])
-                      for n in left]
-                k = torch.tensor(ks, device=x.device)
+                # the k schedule (transfer) on the current counts, raised by the rule
+                k = torch.tensor(confidence.step_k(left, local, spb, frac, o["transfer"]),
+                                 device=x.device)
             else:
                 left, rows = plan.candidates[i], [r for r in range(B) if plan.k[i][r] > 0]
                 if not rows:

@@ -12,6 +12,15 @@ LLaDA's semi-autoregressive blocks (`block_length`): the generation region of ea
 first masked position) is cut into blocks, steps are split evenly among them, positions outside the
 current block are not candidates, and k uses the same formula on the block's masks and grid.
 
+LLaDA's `generate` is alg = low_confidence (or random), transfer = even, block_length = its block:
+transfer "even" is its get_num_transfer_tokens (a block's n masks split evenly over its steps, the
+first n % steps steps one more; equivalently k = ceil(n_left / steps_left)); low_confidence draws
+x0 like maskgit_plus (from the tempered, filtered p) but ranks by the UNtempered p(x0), as LLaDA's
+softmax of the raw logits; random ranks by a uniform draw (LLaDA's random remasking), so which
+positions are committed ignores the model. At temperature 0, maskgit_plus and low_confidence agree.
+One deliberate difference: smdlm's p never predicts [MASK] (SUBS), LLaDA's softmax keeps its column;
+a trained LLaDA gives it ~0 mass.
+
 Deliberate deviation: Dream uses the batch-mean mask count for k (the same k for every row); here
 k is per row, from the row's own count, so a row decodes the same in any batch and alone. For
 batches of equal rows the two agree. Since k is a function of the counts only, the whole table is
@@ -31,15 +40,17 @@ import torch
 from torch import Tensor
 
 from smdlm_cli.core.samplers.common import (categorical_fp64, gumbels, nucleus_hf, positions,
-                                            top_k_filter, with_temperature)
+                                            top_k_filter, uniforms, with_temperature)
 from smdlm_cli.core.samplers.mdlm import MaskChain, gen_uniforms
 from smdlm_cli.core.errors import UserError
 
 GRID_EPS = 1e-3  # Dream's default eps
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+TOKEN_CONFIDENCE = ("maskgit_plus", "low_confidence")  # confidences that need the drawn token
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy", "low_confidence", "random")
+TRANSFERS = ("dream", "even")
 # The paper's coding evaluation uses alg entropy; the rest are Dream's diffusion_generate defaults.
 OPTIONS = {"alg": "entropy", "temperature": 0.0, "top_p": 1.0, "top_k": None, "alg_temp": 0.0,
-           "block_length": None,
+           "block_length": None, "transfer": "dream",
            # Fast-dLLM (blockwise.py): KV cache, parallel decoding rules, mid-block refreshes
            "cache": "none", "threshold": None, "factor": None, "refresh_every": 0}
 
@@ -56,16 +67,20 @@ def sample_tokens(lp: Tensor, generators: Sequence[torch.Generator], counts: Seq
     """Dream's sample_tokens on log-prob rows (N, V): (confidence (N,), candidate token (N,)).
 
     draw=False skips the categorical draw (candidate None) where the confidence does not depend on
-    it (topk_margin, entropy): the caller then draws only at the positions it commits.
+    it (topk_margin, entropy, random): the caller then draws only at the positions it commits.
     """
     probs = filtered_probs(lp, o, mask_id)
     x0 = None
     if o["temperature"] == 0:
         conf, x0 = probs.max(-1)
-    elif draw or o["alg"] == "maskgit_plus":
+    elif draw or o["alg"] in TOKEN_CONFIDENCE:
         x0 = categorical_fp64(probs, generators, counts)
         conf = probs.gather(-1, x0[:, None]).squeeze(-1)
-    if o["alg"] == "topk_margin":
+    if o["alg"] == "low_confidence":  # LLaDA: the untempered p of the drawn token
+        conf = lp.gather(-1, x0[:, None]).squeeze(-1).exp()
+    elif o["alg"] == "random":
+        conf = uniforms(generators, counts, (), lp.device)
+    elif o["alg"] == "topk_margin":
         top2 = probs.topk(2, dim=-1).values
         conf = top2[:, 0] - top2[:, 1]
     elif o["alg"] == "entropy":
@@ -79,20 +94,33 @@ def step_fractions(steps: int) -> list[float]:
     return (1 - grid[1:] / grid[:-1]).tolist()
 
 
-def transfer_table(block_counts: list[list[int]], steps_per_block: int) -> list[list[int]]:
-    """k[step][row]: tokens committed per step, from n[row][block] masks per block.
+def step_k(left: list[int], local: int, steps_per_block: int, frac: list[float],
+           transfer: str) -> list[int]:
+    """Tokens each row commits at local step `local` of a block, from its masks left in the block.
 
-    Within a block, k = int(n_now * (1 - s/t)) in float32, and all remaining masks at its last step.
+    dream: int(n_left * (1 - s/t)) in float32; even: ceil(n_left / steps left), which splits a
+    block's n masks as LLaDA does (n // steps each, the first n % steps steps one more). Both
+    commit every remaining mask at the block's last step.
     """
-    frac = torch.tensor(step_fractions(steps_per_block), dtype=torch.float32)
+    if local == steps_per_block - 1:
+        return list(left)
+    if transfer == "even":
+        return [-(-n // (steps_per_block - local)) for n in left]
+    return [int(torch.tensor(n, dtype=torch.float32) * frac[local]) for n in left]
+
+
+def transfer_table(block_counts: list[list[int]], steps_per_block: int,
+                   transfer: str = "dream") -> list[list[int]]:
+    """k[step][row]: tokens committed per step, from n[row][block] masks per block (see step_k)."""
+    frac = step_fractions(steps_per_block)
     table = []
     n_blocks = len(block_counts[0]) if block_counts else 0
     for j in range(n_blocks):
-        left = torch.tensor([row[j] for row in block_counts], dtype=torch.int64)
+        left = [row[j] for row in block_counts]
         for local in range(steps_per_block):
-            k = left if local == steps_per_block - 1 else (left.float() * frac[local]).long()
-            table.append(k.tolist())
-            left = left - k
+            k = step_k(left, local, steps_per_block, frac, transfer)
+            table.append(k)
+            left = [n - kk for n, kk in zip(left, k)]
     return table
 
 
@@ -147,7 +175,7 @@ def commit(x: Tensor, logp: Tensor, cand: Tensor, rows: Sequence[int], counts: S
     gens = [generators[b] for b in rows]
     idx = positions(cand, rows, counts)
     # a confidence that ignores the sampled token lets us draw only the k committed tokens
-    late = o["temperature"] > 0 and o["alg"] != "maskgit_plus"
+    late = o["temperature"] > 0 and o["alg"] not in TOKEN_CONFIDENCE
     conf, x0 = sample_tokens(flat.index_select(0, idx), gens, counts, o, mask_id, draw=not late)
     if o["alg_temp"] > 0:  # Gumbel-top-k = sampling softmax(conf/T) w/o replacement (fp64)
         conf = conf.double() / o["alg_temp"] + gumbels(gens, counts, x.device)
@@ -193,7 +221,7 @@ def build(gen: Tensor, gen_host: Tensor, generators: Sequence[torch.Generator], 
         return MaskChain(_plan_origin(gen, gen_host, block_dev, generators, steps, spb), generators,
                          _origin_draw(options, mask_id), mask_id)
     counts = [[int((row == j).sum()) for j in range(n_blocks)] for row in block]
-    k = transfer_table(counts, spb)
+    k = transfer_table(counts, spb, options["transfer"])
     # masks left in the current block before each step: the block's count minus what was committed
     candidates, left = [], None
     for i, ks in enumerate(k):
@@ -242,6 +270,11 @@ def check_options(o: dict) -> list[str]:
         bad.append(f"top_k = {o['top_k']}, expected an integer >= 1 or None")
     if not o["alg_temp"] >= 0.0:
         bad.append(f"alg_temp = {o['alg_temp']}, expected a number >= 0 (0 = top-k)")
+    if o["transfer"] not in TRANSFERS:
+        bad.append(f"transfer = {o['transfer']!r}, expected one of {', '.join(TRANSFERS)}")
+    elif o["transfer"] != "dream" and o["alg"] == "origin":
+        bad.append("transfer = even: alg origin unmasks each position by its own chance; expected "
+                   "another alg with a transfer schedule")
     bl = o["block_length"]
     if bl is not None and not (isinstance(bl, int) and bl >= 1):
         bad.append(f"block_length = {bl}, expected an integer >= 1 or None")

@@ -36,10 +36,13 @@ from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.samplers import ar, blockwise, confidence, mdlm
 from smdlm_cli.core.samplers.common import row_generators
 from smdlm_cli.core.samplers.feedback import Feedback
+from smdlm_cli.core.samplers.guidance import Guided
 from smdlm_cli.core.softmask import SoftMask
 
 SAMPLERS = ("mdlm", "remdm-cap", "remdm-loop", "confidence", "ar")
 SM_SCHEDULES = ("none", "linear", "stepwise")
+# Options of every diffusion sampler: LLaDA's classifier-free guidance scale (guidance.py; 0 = off)
+COMMON = {"cfg_scale": 0.0}
 
 
 @dataclass
@@ -59,6 +62,8 @@ def validate_sampler_args(sampler: str, **kwargs) -> dict:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise UserError(f"steps = {steps!r}, expected an integer >= 1")
     defaults = {"confidence": confidence.OPTIONS, "ar": ar.OPTIONS}.get(sampler) or mdlm.OPTIONS[sampler]
+    if sampler != "ar":
+        defaults = {**defaults, **COMMON}
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise UserError(f"sampler {sampler}: unknown option {unknown[0]!r}, expected one of "
@@ -68,6 +73,9 @@ def validate_sampler_args(sampler: str, **kwargs) -> dict:
         if isinstance(defaults[key], float) and (isinstance(value, bool)
                                                  or not isinstance(value, (int, float))):
             raise UserError(f"sampler {sampler}: {key} = {value!r}, expected a number")
+    if sampler != "ar" and not options["cfg_scale"] >= 0:
+        raise UserError(f"sampler {sampler}: cfg_scale = {options['cfg_scale']}, expected a number "
+                        f">= 0 (0 = no guidance)")
     if sampler == "confidence":
         bad = confidence.check_options(options) + blockwise.check_options(options)
     elif sampler == "ar":
@@ -140,6 +148,8 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
         return DecodeResult(tokens, nfe, steps, steps - nfe, None)
     model_mask = None if attention_mask is None else attention_mask.to(device)
     gen = (x == mask_id) & real
+    if options["cfg_scale"] > 0:
+        model = Guided(model, options["cfg_scale"], real & ~gen)
     gen_host = gen.cpu()  # host transfer: the positions to generate (counts, blocks)
     generators = row_generators(generator_seeds, device)
     transition = _build(sampler, gen, gen_host, generators, steps, mask_id, options)

@@ -20,6 +20,7 @@ from typing import Callable
 from rich.console import Console
 
 from smdlm_cli.core import rundir
+from smdlm_cli.core.runlock import check_output
 from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.generate import choose_softmask, generate as core_generate
@@ -134,13 +135,22 @@ def write(records: list[dict], sidecar: dict, out: Path) -> None:
     atomic_write_json(out.with_suffix(out.suffix + ".json"), sidecar)
 
 
+def check_out(out: str) -> Path:
+    """--out FILE: not a directory, and neither it nor its sidecar FILE.json a run's own file."""
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {out}: is a directory; expected a .jsonl file path")
+    check_output(path.with_suffix(path.suffix + ".json"))
+    return check_output(path)
+
+
 def run(s: SampleSettings, show_steps: bool = False) -> Path:
+    if s.out:
+        check_out(s.out)  # before decoding: a refused path should not cost a generation
     run, records, sidecar, trace = generate(s, trace=show_steps)
     tok = run.tokenizer
-    out = Path(s.out) if s.out else (run.path / "samples" /
-                                     f"samples-{datetime.now():%Y%m%d-%H%M%S}.jsonl")
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; expected a .jsonl file path")
+    out = check_out(s.out) if s.out else (run.path / "samples" /
+                                          f"samples-{datetime.now():%Y%m%d-%H%M%S}.jsonl")
     write(records, sidecar, out)
     if show_steps and trace is None:
         console.print("--show-steps: an AR model has no denoising steps to show")

@@ -8,12 +8,13 @@
       transparency_config.json   the same omega in the official code's key names
       tokenizer/             the tokenizer, mask token included
       metrics.jsonl          one JSON object a line
-      state/latest           name of the newest complete state directory
+      state/latest           name of the newest state whose model is published
       state/step-NNNNNNN/    raw weights, EMA, optimizer, trainer.json: everything for exact resume
 
-Every file is written atomically (temporary name, then rename), and `state/latest` is switched
-only after a state directory is complete, so a process killed at any moment leaves a run that
-loads and resumes. Safetensors and JSON only: nothing is ever unpickled.
+Every file is written atomically (temporary name, then rename). A save writes the state
+directory (trainer.json last), then publishes the model, then switches `state/latest`; the newest
+state with a trainer.json is the one resumed, so a process killed at any moment leaves a run that
+resumes (and republishes), and a model that loads once one save has completed. Safetensors and JSON only: nothing is ever unpickled.
 Not here: the training loop (trainer.py) or model architectures (models/).
 """
 
@@ -97,31 +98,51 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_state(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
                trainer: dict) -> Path:
-    """Write state/step-NNNNNNN/ completely, then point state/latest at it, then prune old ones."""
-    state_root = run_dir / STATE
-    d = state_root / f"step-{step:07d}"
+    """Write state/step-NNNNNNN/ completely; trainer.json, written last, marks it complete.
+
+    The caller then publishes the model and calls `commit_state`. A state directory that fails
+    half-way (disk full) is removed: the previous state and model stay as they were.
+    """
+    d = run_dir / STATE / f"step-{step:07d}"
     if d.exists():  # a leftover of a run killed while writing this very step
         shutil.rmtree(d)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    atomic_save_tensors(d / "weights.safetensors", weights)
-    atomic_save_tensors(d / "optimizer.safetensors", opt_tensors)
-    atomic_write_json(d / "optimizer.json", opt_meta)
-    if ema is not None:
-        atomic_save_tensors(d / "ema.safetensors", ema)
-    atomic_write_json(d / "trainer.json", {**trainer, "step": step})
-    atomic_write_text(state_root / "latest", d.name + "\n")
-    for old in sorted(state_root.glob("step-*"))[:-1]:
-        if old.name != d.name:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        atomic_save_tensors(d / "weights.safetensors", weights)
+        atomic_save_tensors(d / "optimizer.safetensors", opt_tensors)
+        atomic_write_json(d / "optimizer.json", opt_meta)
+        if ema is not None:
+            atomic_save_tensors(d / "ema.safetensors", ema)
+        atomic_write_json(d / "trainer.json", {**trainer, "step": step})
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     return d
 
 
-def latest_state(run_dir: Path) -> Path | None:
+def commit_state(run_dir: Path, state_dir: Path) -> None:
+    """Point state/latest at a complete state whose model is published, then prune older ones."""
+    state_root = run_dir / STATE
+    atomic_write_text(state_root / "latest", state_dir.name + "\n")
+    for old in sorted(state_root.glob("step-*"))[:-1]:
+        if old.name != state_dir.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def is_committed(run_dir: Path, state_dir: Path) -> bool:
+    """Whether state/latest names `state_dir`, i.e. its model was published after it was saved."""
     pointer = run_dir / STATE / "latest"
-    if not pointer.exists():
-        return None
-    d = run_dir / STATE / pointer.read_text().strip()
-    return d if (d / "trainer.json").exists() else None
+    return pointer.exists() and pointer.read_text().strip() == state_dir.name
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    """The newest complete state directory (with trainer.json), committed or not.
+
+    A run killed after saving a state but before publishing its model resumes from that state
+    (and publishes it again): the pointer state/latest only records what was published.
+    """
+    complete = [d for d in (run_dir / STATE).glob("step-*") if (d / "trainer.json").is_file()]
+    return max(complete, key=lambda d: d.name) if complete else None
 
 
 def load_state(state_dir: Path, device="cpu") -> dict:

@@ -120,6 +120,8 @@ class _Run:
         self.loader.load_state_dict(tr["loader"])
         if self.ctx.main:
             checkpoint.truncate_metrics(self.run_dir, self.n.step)
+            if not checkpoint.is_committed(self.run_dir, state_dir):
+                self.publish_state(state_dir)  # the last process was killed before publishing it
 
     def wrap(self) -> None:
         if self.ctx.world > 1:
@@ -135,13 +137,18 @@ class _Run:
             state = {"forwards": n.forwards, "tokens": n.tokens, "sm_steps": n.sm_steps,
                      "loader": self.loader.state_dict(), "layout": self.layout.as_dict(),
                      "ema_updates": self.ema.updates if self.ema else 0, "first_val": n.first_val}
-            checkpoint.save_state(self.run_dir, n.step, weights, self.opt,
-                                  self.ema.shadow if self.ema else None, state)
-            with ema_weights(self.backbone, self.ema):
-                self.publish(self.backbone, self.run_dir)
-            if self.use_sm_ever:
-                checkpoint.save_softmask(self.run_dir, self.softmask)
+            # State, then the model, then the pointer: killed anywhere, the run resumes from its
+            # newest complete state, and once a save has completed there is a model to sample.
+            self.publish_state(checkpoint.save_state(self.run_dir, n.step, weights, self.opt,
+                                                     self.ema.shadow if self.ema else None, state))
         barrier()
+
+    def publish_state(self, state_dir: Path) -> None:
+        with ema_weights(self.backbone, self.ema):
+            self.publish(self.backbone, self.run_dir)
+        if self.use_sm_ever:
+            checkpoint.save_softmask(self.run_dir, self.softmask)
+        checkpoint.commit_state(self.run_dir, state_dir)
 
     def validate(self) -> None:
         with ema_weights(self.backbone, self.ema):

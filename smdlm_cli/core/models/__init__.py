@@ -50,6 +50,10 @@ def read_config(model_dir: Path) -> DiTConfig | DreamConfig:
     try:
         config = json.loads(file.read_text())
     except FileNotFoundError:
+        if (model_dir / "state").is_dir() and (model_dir / "recipe.toml").is_file():
+            raise UserError(f"{model_dir}: no published model yet (the run stopped before its "
+                            f"first save completed); resume it with `smdlm pretrain "
+                            f"{model_dir / 'recipe.toml'} --out {model_dir} --resume`") from None
         raise UserError(f"{model_dir}: no config.json; expected a model directory") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None

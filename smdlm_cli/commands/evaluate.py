@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from smdlm_cli.commands import sample
-from smdlm_cli.core import rundir
+from smdlm_cli.core import rundir, validate
 from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.generate import completion, generate
@@ -70,9 +70,14 @@ def _check_code(c: CodeSettings) -> None:
     bad = [k for k in c.pass_k if k < 1 or (k > c.n and not c.samples)]
     if bad:
         raise UserError(f"--pass-k {bad[0]}: expected values from 1 to --num-samples ({c.n})")
-    if c.timeout <= 0 or c.memory_mb < 64:
-        raise UserError(f"--timeout {c.timeout} / --memory-mb {c.memory_mb}: expected a positive "
-                        f"timeout and at least 64 MB")
+    validate.number(c.timeout, "--timeout", lo=0, hi=3600, lo_open=True)
+    if c.memory_mb < 64:
+        raise UserError(f"--memory-mb {c.memory_mb}: expected at least 64 (MB)")
+    if c.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {c.max_new_tokens}: expected 0 (the benchmark's "
+                        f"default) or a positive count")
+    if c.workers < 0:
+        raise UserError(f"--workers {c.workers}: expected 0 (one per CPU) or a positive count")
 
 
 def complete(s: sample.SampleSettings, run: rundir.Run, prompts: list[str], n: int, max_new: int,

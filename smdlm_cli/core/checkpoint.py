@@ -14,7 +14,8 @@
 Every file is written atomically (temporary name, then rename). A save writes the state
 directory (trainer.json last), then publishes the model, then switches `state/latest`; the newest
 state with a trainer.json is the one resumed, so a process killed at any moment leaves a run that
-resumes (and republishes), and a model that loads once one save has completed. Safetensors and JSON only: nothing is ever unpickled.
+resumes (and republishes), and a model that loads once one save has completed. Safetensors and
+JSON only: nothing is ever unpickled.
 Not here: the training loop (trainer.py) or model architectures (models/).
 """
 
@@ -26,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from smdlm_cli.core import validate
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import (atomic_save_tensors, atomic_write_json, atomic_write_text,
-                               load_tensors, read_json)
+                               load_tensors)
 from smdlm_cli.core.softmask import SoftMask
 
 STATE = "state"
@@ -53,12 +55,9 @@ def load_softmask(path: str | Path) -> SoftMask | None:
                 break
         else:
             return None
-    try:
-        d = read_json(path)
-    except FileNotFoundError:
-        raise UserError(f"softmask file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not path.exists():
+        raise UserError(f"softmask file not found: {path}")
+    d = validate.read_json(path)
     if d.get("transparency_alg") == "none":
         return None
     return SoftMask.from_dict(d, source=str(path))
@@ -146,15 +145,41 @@ def latest_state(run_dir: Path) -> Path | None:
 
 
 def load_state(state_dir: Path, device="cpu") -> dict:
-    """weights, optimizer state_dict, ema (or None) and the trainer dict of one state directory."""
+    """weights, optimizer state_dict, ema (or None) and the trainer dict of one state directory.
+
+    A damaged file (cut short, hand-edited) is one UserError naming it, before anything is used.
+    """
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_tensors(state_dir / name, device)
+        except Exception as e:  # SafetensorError, OSError: truncated, missing, not safetensors
+            raise UserError(f"--resume: {state_dir / name} is damaged ({_first_line(e)}); "
+                            f"expected the safetensors file a save writes") from None
+
+    trainer = validate.read_json(state_dir / "trainer.json", f"--resume: {state_dir / 'trainer.json'}")
+    for key, kind in (("step", int), ("forwards", int), ("tokens", int), ("loader", dict)):
+        if not isinstance(trainer.get(key), kind):
+            raise UserError(f"--resume: {state_dir / 'trainer.json'}: {key} = "
+                            f"{trainer.get(key)!r}; expected {'an integer' if kind is int else 'an object'}")
+    meta = validate.read_json(state_dir / "optimizer.json", f"--resume: {state_dir / 'optimizer.json'}")
+    if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars"), dict):
+        raise UserError(f"--resume: {state_dir / 'optimizer.json'}: expected param_groups (a list) "
+                        f"and scalars (an object)")
     ema_path = state_dir / "ema.safetensors"
+    try:
+        optimizer = _unflatten_optimizer(tensors("optimizer.safetensors"), meta)
+    except ValueError as e:
+        raise UserError(f"--resume: {state_dir / 'optimizer.json'}: unexpected entry ({e})") from None
     return {
-        "weights": load_tensors(state_dir / "weights.safetensors", device),
-        "optimizer": _unflatten_optimizer(load_tensors(state_dir / "optimizer.safetensors", device),
-                                          read_json(state_dir / "optimizer.json")),
-        "ema": load_tensors(ema_path, device) if ema_path.exists() else None,
-        "trainer": read_json(state_dir / "trainer.json"),
+        "weights": tensors("weights.safetensors"),
+        "optimizer": optimizer,
+        "ema": tensors("ema.safetensors") if ema_path.exists() else None,
+        "trainer": trainer,
     }
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -163,12 +188,14 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int) \
+                and record.get("step", 0) <= step:
+            kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -108,7 +108,11 @@ class _Run:
         if missing or result.unexpected_keys:
             raise UserError(f"--resume: {state_dir} does not hold this model's trainable weights "
                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
-        self.opt.load_state_dict(st["optimizer"])
+        try:
+            self.opt.load_state_dict(st["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--resume: {state_dir}: the optimizer state does not fit this model "
+                            f"({e})") from None
         tr = st["trainer"]
         if self.ema is not None:
             if st["ema"] is None:
@@ -117,7 +121,11 @@ class _Run:
             self.ema.updates = tr["ema_updates"]
         self.n = Counters(step=tr["step"], forwards=tr["forwards"], tokens=tr["tokens"],
                           sm_steps=tr.get("sm_steps", 0), first_val=tr.get("first_val"))
-        self.loader.load_state_dict(tr["loader"])
+        try:
+            self.loader.load_state_dict(tr["loader"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"--resume: {state_dir / 'trainer.json'}: loader position {e} is not "
+                            f"this data's; expected the file a save writes") from None
         if self.ctx.main:
             checkpoint.truncate_metrics(self.run_dir, self.n.step)
             if not checkpoint.is_committed(self.run_dir, state_dir):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.validate import read_text
 from smdlm_cli.evals.execution import Limits, run_programs
 
 
@@ -51,19 +52,18 @@ def read_samples(path: str | Path) -> list[dict]:
         raise UserError(f"--samples {path}: no such file; expected a JSONL file of "
                         f"{{task_id, completion}} objects")
     samples = []
-    with open(path, encoding="utf-8") as lines:
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"--samples {path}: line {n} is not JSON ({e.msg})") from None
-            if (not isinstance(obj, dict) or not isinstance(obj.get("task_id"), str)
-                    or not isinstance(obj.get("completion", obj.get("solution")), str)):
-                raise UserError(f"--samples {path}: line {n} lacks a string task_id and completion "
-                                f"(or solution)")
-            samples.append(obj)
+    for n, line in enumerate(read_text(path, f"--samples {path}").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--samples {path}: line {n} is not JSON ({e.msg})") from None
+        if (not isinstance(obj, dict) or not isinstance(obj.get("task_id"), str)
+                or not isinstance(obj.get("completion", obj.get("solution")), str)):
+            raise UserError(f"--samples {path}: line {n} lacks a string task_id and completion "
+                            f"(or solution)")
+        samples.append(obj)
     if not samples:
         raise UserError(f"--samples {path}: empty; expected one JSON object per line")
     return samples

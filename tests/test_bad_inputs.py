@@ -196,3 +196,25 @@ def test_no_module_calls_torch_load():
                     and node.func.attr in ("load", "loads"):
                 offenders.append(f"{p.name}:{node.lineno}")
     assert offenders == []
+
+
+# --- inputs that used to exit 0 with a wrong result ---------------------------------------------
+def test_nan_weights_are_named_not_decoded(run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    w = load_file(str(damaged / "model.safetensors"))
+    name = sorted(w)[0]
+    w[name] = torch.full_like(w[name], float("nan"))
+    save_file(w, str(damaged / "model.safetensors"))
+    one_line(runner.invoke(app, ["sample", "--ckpt", str(damaged), "--nfe", "2"]),
+             [name.removeprefix("backbone."), "NaN"])
+
+
+@pytest.mark.parametrize("flags, words", [(["--batches", "-1"], ["--batches -1"]),
+                                          (["--batch-size", "-2"], ["--batch-size -2"]),
+                                          (["--seed", "-1"], ["--seed -1"])],
+                         ids=["batches", "batch-size", "seed"])
+def test_elbo_flags(run, flags, words):
+    one_line(runner.invoke(app, ["evaluate", "elbo", "--ckpt", str(run), *flags]), words)

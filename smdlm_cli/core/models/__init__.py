@@ -80,6 +80,10 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{f}: missing; expected the model's safetensors weights") from None
         except (SafetensorError, OSError) as e:
             raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+    for name, t in tensors.items():  # NaN weights decode to garbage (or nothing) without a word
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{model_dir}: weight {name} holds NaN or infinite values; the model "
+                            f"is broken (a diverged run?); expected finite weights")
     return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.validate import read_text
-from smdlm_cli.evals.execution import Limits, run_programs
+from smdlm_cli.evals.execution import Limits, isolation, run_programs
 
 
 @dataclass
@@ -35,8 +35,10 @@ class Problem:
             return sample["solution"]
         return (self.prompt if self.prefix_prompt else "") + sample["completion"]
 
-    def program(self, sample: dict) -> str:
-        return self.solution(sample) + "\n\n" + self.tests + "\n"
+    def program(self, sample: dict) -> tuple[str, str]:
+        """(solution, tests): the sandbox compiles them apart, so the solution cannot swallow the
+        tests (an unclosed string) or change the builtins they use."""
+        return self.solution(sample), self.tests + "\n"
 
 
 def cut(text: str, stops: list[str]) -> str:
@@ -103,5 +105,6 @@ def score(problems: dict[str, Problem], samples: list[dict], ks: list[int], limi
     metrics = {**pass_at_k(results, ks), "problems": len(problems), "tasks": len(problems) - missing,
                "missing_tasks": missing, "samples": len(samples),
                "passed": sum(o.passed for o in outcomes),
-               "timed_out": sum(o.status == "timed out" for o in outcomes)}
+               "timed_out": sum(o.status == "timed out" for o in outcomes),
+               "isolation": isolation()}
     return metrics, rows

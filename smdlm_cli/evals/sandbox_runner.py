@@ -241,10 +241,6 @@ def _runner():
                 deny(event)
             if event == "socket.__new__" and args[1] != socket.AF_UNIX:
                 deny(event)
-            if event == "os.mkfifo" or event == "os.mknod":
-                if not inside(args[0], args[2] if len(args) > 2 else None):
-                    deny(event, args[0])
-                return
             if event == "open":
                 path, mode, flags = (tuple(args) + (None, None))[:3]
                 if path is None or isinstance(path, int):
@@ -262,6 +258,19 @@ def _runner():
                     deny(event, args[pi])
 
         sys.addaudithook(hook)  # audit hooks cannot be removed
+
+        import posix
+
+        def outside_only(name, make):  # no audit event for these: the functions are swapped
+            def checked(path, *args, dir_fd=None, **kwargs):
+                if not inside(path, dir_fd):
+                    deny("os." + name, path)
+                return make(path, *args, dir_fd=dir_fd, **kwargs)
+            return checked
+
+        for name in ("mkfifo", "mknod"):
+            setattr(os, name, outside_only(name, getattr(posix, name)))
+            setattr(posix, name, getattr(os, name))
 
     def describe(exc):
         try:

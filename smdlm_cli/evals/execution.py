@@ -1,30 +1,43 @@
-"""Run generated Python programs (HumanEval/MBPP completions plus their tests).
+"""Run generated Python programs (HumanEval/MBPP solutions, then their tests) in a sandbox.
 
-Each program runs in a fresh ``python -I`` subprocess with its own temporary
-working directory, a wall-clock timeout that kills the whole process group,
-resource limits (address space, CPU, file size, open files, no core dumps) and
-an audit hook that refuses process creation, signals, ctypes, networking and
-writes outside the working directory. Where the kernel allows unprivileged user
-namespaces the child also moves into an empty network namespace. A program
-passes only if it runs to the end and the child then prints a per-run random
-nonce, so ``os._exit(0)``, ``sys.exit(0)`` or printing "passed" never pass.
+Each program gets a fresh ``python -I`` process, a fresh work directory, a wall-clock timeout,
+resource limits (address space, CPU, file size, open files, no core dumps) and an audit hook
+that refuses process creation, signals, ctypes, sockets, writes outside the work directory and
+the routes to the verdict's secret (gc, other threads' frames, /proc/*/mem, tracing).
 
-What this is NOT: a security boundary against a determined adversary. It is a
-guard against accidents and misbehaving generated code (``rm -rf``, fork loops,
-huge allocations, infinite loops, stray network calls). Known gaps:
+Where the kernel allows user namespaces (checked once: `isolation()`; every report records the
+answer) the kernel isolates it as well, which no Python-level trick can undo: `unshare` puts the
+process in new user, mount, PID, network, IPC and UTS namespaces, and the runner
+(sandbox_runner.py) makes the whole filesystem read-only, nosuid and nodev, mounts a private
+/tmp, /dev (null, zero, full, random, urandom), /proc and work directory, drops every
+capability, sets no-new-privileges and makes itself undumpable before the program runs as PID 2.
+So even a child started behind the hook's back (``_posixsubprocess``, multiprocessing's spawn)
+cannot write outside, reach the network, see or signal the evaluator, or outlive the run: PID 1
+leaves when the program ends, and the kernel kills everything left in the namespace.
 
-* audit hooks can be bypassed by code that corrupts interpreter memory, by C
-  extensions, and by unaudited C entry points (e.g. ``_posixsubprocess``);
-  the nonce is reachable from the program through frame introspection;
-* reading files anywhere is allowed; writes through an ``os.open(dir_fd=...)``
-  are resolved against the working directory, not the dir_fd;
-* macOS has no working RLIMIT_AS, so memory is not capped there;
-* network isolation only exists where unprivileged user namespaces are allowed
-  (containers often forbid them); otherwise only Python-level sockets are
-  blocked.
+The verdict: the program passes only if the runner's own main frame, at the bottom of the
+stack, has parked itself after the tests returned; a reporter thread that alone holds a per-run
+nonce then writes it. ``os._exit(0)``, ``sys.exit(0)``, printing "passed", patching ``os.write``,
+reading ``__main__`` or walking the caller's frames never pass. The solution and its tests are
+compiled apart (an unclosed string cannot swallow the tests), the tests see the builtins as they
+were before the solution ran, and every function the solution defines must return built-in data
+(an object whose ``==`` is always true fails).
 
-For large runs of untrusted code use a container or VM (no network, read-only
-root, dropped capabilities) around this.
+What a program written against this harness could still forge or do (documented, not blocked):
+
+* pass tests by patching the modules the tests call (``math.isclose = lambda *a: True``), by
+  returning an iterator (map, generator) whose items are objects that compare equal to anything,
+  or by rewriting built-in types' dicts through interpreter internals the hook does not see;
+* read the nonce out of its own memory through C code the audit hook does not see (a C
+  extension, memory corruption): inside its own process the runner and the program share an
+  address space, and no Python-level guard can separate them;
+* read files anywhere the evaluator's user may (reads are not confined; the network is, with
+  namespaces), and spend its CPU and memory limits;
+* without namespaces (containers that forbid them, macOS): everything the audit hook cannot see
+  escapes it: children started through ``_posixsubprocess`` run unhooked (they can write, signal
+  and outlive the run), and memory is not capped on macOS.
+
+For large runs of untrusted code, still run the evaluation itself in a disposable container or VM.
 """
 
 from __future__ import annotations

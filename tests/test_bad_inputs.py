@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from runs import make_run
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core import checkpoint
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.softmask import SoftMask

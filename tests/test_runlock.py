@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from runs import make_run
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.core import checkpoint, runlock
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import load_tensors

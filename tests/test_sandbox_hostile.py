@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from smdlm_cli.app import app
+from smdlm_cli.cli.app import app
 from smdlm_cli.evals.execution import NAMESPACES, isolation
 
 TASK = {"task_id": "Hostile/0", "prompt": "def f(x):\n", "entry_point": "f",

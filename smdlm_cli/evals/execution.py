@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from smdlm_cli.core.errors import UserError
+
 _DETAIL_CHARS = 300
 _TAIL_BYTES = 4096
 
@@ -145,7 +147,7 @@ def isolation() -> str:
 
 def run_program(program: str, limits: Limits = Limits(), tests: str = "") -> Outcome:
     """Run a solution (then `tests`, compiled apart) in a fresh sandboxed process; never raises
-    for what the program does."""
+    for what the program does (a sandbox that cannot be set up is a UserError)."""
     return _run(program, tests, limits, isolate=isolation() == NAMESPACES)
 
 
@@ -188,6 +190,12 @@ def _run(program: str, tests: str, limits: Limits, isolate: bool) -> Outcome:
     if code == -signal.SIGXCPU:
         return Outcome("timed out", "CPU time limit exceeded", seconds)
     reports = [ln[len(nonce) + 1:] for ln in lines if ln.startswith(nonce + ":")]
+    unshare_failed = [ln for ln in stderr_lines if ln.split(":", 1)[0].endswith("unshare")] \
+        if isolate and not reports else []
+    if unshare_failed or (reports and reports[-1].startswith("sandbox setup failed")):
+        # Not the program's doing: scoring it as failed would lower pass@k without a word.
+        why = unshare_failed[-1] if unshare_failed else reports[-1]
+        raise UserError(f"sandbox: {why}; set SMDLM_SANDBOX=hook to run with the audit hook only")
     if reports:
         return Outcome("failed", reports[-1][:_DETAIL_CHARS], seconds)
     detail = f"exit code {code}"

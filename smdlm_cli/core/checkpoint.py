@@ -156,20 +156,21 @@ def load_state(state_dir: Path, device="cpu") -> dict:
             raise UserError(f"--resume: {state_dir / name} is damaged ({_first_line(e)}); "
                             f"expected the safetensors file a save writes") from None
 
-    trainer = validate.read_json(state_dir / "trainer.json", f"--resume: {state_dir / 'trainer.json'}")
+    trainer_file, meta_file = state_dir / "trainer.json", state_dir / "optimizer.json"
+    trainer = validate.read_json(trainer_file, f"--resume: {trainer_file}")
     for key, kind in (("step", int), ("forwards", int), ("tokens", int), ("loader", dict)):
         if not isinstance(trainer.get(key), kind):
-            raise UserError(f"--resume: {state_dir / 'trainer.json'}: {key} = "
-                            f"{trainer.get(key)!r}; expected {'an integer' if kind is int else 'an object'}")
-    meta = validate.read_json(state_dir / "optimizer.json", f"--resume: {state_dir / 'optimizer.json'}")
+            raise UserError(f"--resume: {trainer_file}: {key} = {trainer.get(key)!r}; expected "
+                            f"{'an integer' if kind is int else 'an object'}")
+    meta = validate.read_json(meta_file, f"--resume: {meta_file}")
     if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars"), dict):
-        raise UserError(f"--resume: {state_dir / 'optimizer.json'}: expected param_groups (a list) "
-                        f"and scalars (an object)")
+        raise UserError(f"--resume: {meta_file}: expected param_groups (a list) and scalars (an "
+                        f"object)")
     ema_path = state_dir / "ema.safetensors"
     try:
         optimizer = _unflatten_optimizer(tensors("optimizer.safetensors"), meta)
     except ValueError as e:
-        raise UserError(f"--resume: {state_dir / 'optimizer.json'}: unexpected entry ({e})") from None
+        raise UserError(f"--resume: {meta_file}: unexpected entry ({e})") from None
     return {
         "weights": tensors("weights.safetensors"),
         "optimizer": optimizer,

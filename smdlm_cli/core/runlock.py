@@ -104,7 +104,8 @@ def _check(run_dir: Path, resume: bool, main: bool) -> None:
         if run_dir.is_dir() else []
     foreign = [p.name for p in entries if p.name not in RESERVED]
     if state is not None or foreign:
-        what = "a run" if state is not None else f"a run or other files ({', '.join(sorted(foreign)[:3])})"
+        what = "a run" if state is not None else \
+            f"a run or other files ({', '.join(sorted(foreign)[:3])})"
         raise UserError(f"{run_dir} already holds {what}: pass --resume to continue a run, or "
                         f"--out DIR for a new one")
     if main:  # a start that never saved: nothing here the same command does not rebuild

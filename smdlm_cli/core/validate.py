@@ -90,7 +90,8 @@ def number(value, flag: str, lo: float | None = None, hi: float | None = None,
             or (hi is not None and value > hi):
         low = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
         high = "" if hi is None else f"<= {hi:g}"
-        raise UserError(f"{flag} {value}: expected a finite number {' and '.join(filter(None, (low, high)))}".rstrip())
+        bounds = " and ".join(filter(None, (low, high)))
+        raise UserError(f"{flag} {value}: expected a finite number {bounds}".rstrip())
     return value
 
 

@@ -177,3 +177,11 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
     assert "weights.safetensors" in lines["USERERROR"] and "1.5 MiB" in lines["USERERROR"]
     assert lines["LATEST"] == "step-0000001"
     assert lines["LEFT"] == "['latest', 'step-0000001']" and lines["TMP"] == "[]"
+
+
+def test_inspect_lambda_never_writes_its_plot_over_a_runs_file(tmp_path):
+    run = make_run(tmp_path / "run", SoftMask(k=2, scale=0.5))
+    before = (run / "softmask.json").read_bytes()
+    result = runner.invoke(app, ["inspect-lambda", str(run), "--png", str(run / "softmask.json")])
+    assert result.exit_code == 2 and "--png" in result.stderr and "would overwrite" in result.stderr
+    assert (run / "softmask.json").read_bytes() == before

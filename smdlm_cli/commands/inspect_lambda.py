@@ -18,6 +18,7 @@ from rich.table import Table
 from smdlm_cli.core import checkpoint
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.models import read_config
+from smdlm_cli.core.runlock import check_output
 from smdlm_cli.core.softmask import SoftMask
 
 GPT2_MDLM_VOCAB = 50258  # for a bare transparency_config.json, which does not say its vocabulary
@@ -157,7 +158,10 @@ def run(target: str | None, *, png: Path | None = None, decode: bool = False, sa
     path, softmask, vocab, is_run = load_target(target)
     info = describe(softmask, vocab)
     base = path if is_run else path.parent
-    png = png or base / ("lambda.png" if is_run else f"{path.stem}-lambda.png")
+    png = check_output(png, "--png") if png else base / ("lambda.png" if is_run else
+                                                           f"{path.stem}-lambda.png")
+    if decode_png:
+        check_output(decode_png, "--decode-png")
     plot_curve(info, png)
     err.print(f"λ curve written to {png}")
     if decode:

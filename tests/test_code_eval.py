@@ -120,8 +120,8 @@ def test_mbpp_local_jsonl_both_test_modes(mbpp_file):
         assert problems["12"].tests.startswith("import math\n")
         metrics, _ = code.score(problems, good, [1], Limits())
         assert metrics["pass@1"] == 1.0
-        metrics, _ = code.score(problems, [sloppy], [1], Limits())
-        assert metrics["pass@1"] == (1.0 if mode == "3-assert" else 0.0)
+        metrics, _ = code.score(problems, [sloppy, good[1]], [1], Limits())
+        assert metrics["pass@1"] == (1.0 if mode == "3-assert" else 0.5)
     p = mbpp.load_problems(str(mbpp_file))["11"]
     assert mbpp.postprocess(p, "def add(a, b):\n    return a + b\n```\nDone.", "instruct")["completion"] \
         == "def add(a, b):\n    return a + b\n"
@@ -198,3 +198,27 @@ def test_humaneval_from_a_checkpoint(tmp_path):
     again = _invoke(["humaneval", "--samples", str(out.with_suffix(".samples.jsonl")), "--limit", "3",
                      "--num-samples", "2", "--pass-k", "1,2", "--json", "--out", str(tmp_path / "b.json")])
     assert json.loads(again.stdout)["pass@1"] == report["pass@1"]
+
+
+def test_problems_without_a_sample_count_as_failed(tmp_path):
+    """One correct sample for one task under --limit 5 is pass@1 = 1/5, over 5 problems."""
+    task, problem = next(iter(PROBLEMS.items()))
+    samples = tmp_path / "one.jsonl"
+    samples.write_text(json.dumps({"task_id": task, "completion": problem.extra["canonical_solution"]}) + "\n")
+    result = _invoke(["humaneval", "--samples", str(samples), "--limit", "5", "--out",
+                      str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["pass@1"] == pytest.approx(0.2)
+    assert (report["problems"], report["tasks"], report["missing_tasks"]) == (5, 1, 4)
+    assert "5 problems scored (4 without a sample, counted as failed)" in result.stderr
+    assert code.pass_at_k({"a": [True], "b": []}, [1]) == {"pass@1": 0.5}
+
+
+def test_an_unknown_task_id_is_an_error(tmp_path):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return 1\n"}) + "\n"
+                       + json.dumps({"task_id": "HumanEval/9999", "completion": "    pass\n"}) + "\n")
+    result = _invoke(["humaneval", "--samples", str(samples)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "'HumanEval/9999' is not a humaneval problem (1 unknown" in result.stderr

@@ -183,3 +183,36 @@ def test_run_programs_keeps_order_and_reports_progress():
     assert outcomes[5].detail == "ValueError: bad"
     assert sorted(seen) == sorted(enumerate(o.status for o in outcomes))
     assert run_programs([]) == []
+
+
+def test_a_sandbox_that_cannot_be_set_up_is_an_error_not_a_failed_program(monkeypatch):
+    """A program is never scored as failed for what the harness could not do."""
+    from smdlm_cli.core.errors import UserError
+
+    if execution.isolation() != execution.NAMESPACES:
+        pytest.skip("the namespace sandbox does not run here")
+    monkeypatch.setattr(execution, "UNSHARE", ("--user", "--no-such-flag"))
+    with pytest.raises(UserError, match="sandbox: .*unshare: unrecognized option .*SMDLM_SANDBOX=hook"):
+        run("assert True")
+    monkeypatch.setattr(execution, "UNSHARE", ("--user", "--map-root-user", "--fork"))
+    with pytest.raises(UserError, match="sandbox: sandbox setup failed: .*SMDLM_SANDBOX=hook"):
+        run("assert True")  # no mount namespace: the runner's first mount is refused
+
+
+def test_the_namespace_sandbox_is_read_only_private_and_without_capabilities(tmp_path):
+    if execution.isolation() != execution.NAMESPACES:
+        pytest.skip("the namespace sandbox does not run here")
+    program = (
+        "import os\n"
+        "assert os.getpid() == 2 and os.getuid() == 0\n"
+        "status = open('/proc/self/status').read()\n"
+        "assert 'CapEff:\\t0000000000000000' in status and 'NoNewPrivs:\\t1' in status, status\n"
+        "assert os.statvfs('/').f_flag & os.ST_RDONLY and os.statvfs('/usr').f_flag & os.ST_RDONLY\n"
+        f"assert not os.path.exists({str(tmp_path)!r})  # the host's /tmp is not this /tmp\n"
+        "assert sorted(p for p in os.listdir('/proc') if p.isdigit()) == ['1', '2']\n"
+        "import socket\nassert [name for _, name in socket.if_nameindex()] == ['lo']\n"
+        "assert {'null', 'zero', 'urandom', 'shm'} <= set(os.listdir('/dev'))\n"
+        "assert len(open('/dev/urandom', 'rb').read(8)) == 8\n"
+    )
+    out = run(program)
+    assert out.status == "passed", out

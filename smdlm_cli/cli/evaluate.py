@@ -49,9 +49,11 @@ def _code(task: str, *, decoding, samples, dataset, fmt, tests, limit, num_sampl
                              workers=workers, out=out)
     report, path = command.code_task(task, decoding, c)
     scores = "  ".join(f"{k} {v:.4f}" for k, v in report.items() if k.startswith("pass@"))
-    emit(report, path, as_json, [f"{task}: {report['tasks']} problems, {report['samples']} samples, "
-                                 f"{report['passed']} passed, {report['timed_out']} timed out; "
-                                 f"{scores}"])
+    missing = (f" ({report['missing_tasks']} without a sample, counted as failed)"
+               if report["missing_tasks"] else "")
+    emit(report, path, as_json, [f"{task}: {report['problems']} problems scored{missing}, "
+                                 f"{report['samples']} samples, {report['passed']} passed, "
+                                 f"{report['timed_out']} timed out; {scores}"])
 
 
 @evaluate_app.command()

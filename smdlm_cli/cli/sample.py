@@ -33,10 +33,7 @@ def sample(
 
     prompts = list(prompt or [])
     if prompt_file is not None:
-        try:
-            prompts += [line for line in prompt_file.read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise UserError(f"--prompt-file {prompt_file}: {e.strerror}") from None
+        prompts += command.read_prompt_file(prompt_file)
     settings = replace(decoding, prompts=prompts, chat=chat, out=out_)
     out().print(Text(str(command.run(settings, show_steps=show_steps))))
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from smdlm_cli.commands import sample
-from smdlm_cli.core import rundir
+from smdlm_cli.core import rundir, validate
 from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.generate import completion, generate
@@ -51,7 +51,8 @@ class CodeSettings:
     out: str | None = None
 
 
-def _problems(task: str, c: CodeSettings) -> dict[str, code.Problem]:
+def _problems(task: str, c: CodeSettings) -> tuple[dict[str, code.Problem], dict[str, code.Problem]]:
+    """(every problem of the benchmark, the ones --limit selects)."""
     if task == "humaneval":
         problems = humaneval.load_problems(c.dataset)
     else:
@@ -59,7 +60,26 @@ def _problems(task: str, c: CodeSettings) -> dict[str, code.Problem]:
     if c.limit < 0:
         raise UserError(f"--limit {c.limit}: expected 0 (all problems) or a positive count")
     keys = list(problems)[:c.limit or None]
-    return {k: problems[k] for k in keys}
+    return problems, {k: problems[k] for k in keys}
+
+
+def _read_samples(c: CodeSettings, task: str, every: dict, problems: dict) -> list[dict]:
+    """--samples, restricted to the selected problems; a task id the benchmark lacks is an error."""
+    read = code.read_samples(c.samples)
+    unknown = sorted({x["task_id"] for x in read} - set(every))
+    if unknown:
+        raise UserError(f"--samples {c.samples}: task id {unknown[0]!r} is not a {task} problem "
+                        f"({len(unknown)} unknown task id(s)); expected ids such as "
+                        f"{next(iter(every))!r}")
+    samples = [x for x in read if x["task_id"] in problems]
+    if not samples:
+        raise UserError(f"--samples {c.samples}: no sample names a task of the {len(problems)} "
+                        f"{task} problems selected")
+    fewest = min(Counter(x["task_id"] for x in samples).values())
+    if max(c.pass_k) > fewest:
+        raise UserError(f"--pass-k {max(c.pass_k)}: --samples {c.samples} has only {fewest} "
+                        f"sample(s) for some task; expected k <= that")
+    return samples
 
 
 def _check_code(c: CodeSettings) -> None:
@@ -70,9 +90,14 @@ def _check_code(c: CodeSettings) -> None:
     bad = [k for k in c.pass_k if k < 1 or (k > c.n and not c.samples)]
     if bad:
         raise UserError(f"--pass-k {bad[0]}: expected values from 1 to --num-samples ({c.n})")
-    if c.timeout <= 0 or c.memory_mb < 64:
-        raise UserError(f"--timeout {c.timeout} / --memory-mb {c.memory_mb}: expected a positive "
-                        f"timeout and at least 64 MB")
+    validate.number(c.timeout, "--timeout", lo=0, hi=3600, lo_open=True)
+    if c.memory_mb < 64:
+        raise UserError(f"--memory-mb {c.memory_mb}: expected at least 64 (MB)")
+    if c.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {c.max_new_tokens}: expected 0 (the benchmark's "
+                        f"default) or a positive count")
+    if c.workers < 0:
+        raise UserError(f"--workers {c.workers}: expected 0 (one per CPU) or a positive count")
 
 
 def complete(s: sample.SampleSettings, run: rundir.Run, prompts: list[str], n: int, max_new: int,
@@ -107,19 +132,12 @@ def code_task(task: str, s: sample.SampleSettings, c: CodeSettings) -> tuple[dic
     """humaneval or mbpp: generate (or read) samples, run them in the sandbox, pass@k report."""
     _check_code(c)
     bench = humaneval if task == "humaneval" else mbpp
-    problems = _problems(task, c)
+    every, problems = _problems(task, c)
     settings = {"sampling": asdict(s), "code": asdict(c)}
     report = new_report(task, settings, None if c.samples else rundir.resolve(s.ckpt))
     path = report_path(task, c.out, None if c.samples else report["checkpoint"]["path"])
     if c.samples:
-        samples = [x for x in code.read_samples(c.samples) if x["task_id"] in problems]
-        if not samples:
-            raise UserError(f"--samples {c.samples}: no sample names a task of the {task} "
-                            f"problems selected")
-        fewest = min(Counter(x["task_id"] for x in samples).values())
-        if max(c.pass_k) > fewest:
-            raise UserError(f"--pass-k {max(c.pass_k)}: --samples {c.samples} has only {fewest} "
-                            f"sample(s) for some task; expected k <= that")
+        samples = _read_samples(c, task, every, problems)
     else:
         run = rundir.load(report["checkpoint"]["path"], resolve_device(s.device))
         # the benchmark's length, unless the model is shorter: then half of it, the rest prompt
@@ -147,6 +165,13 @@ def code_task(task: str, s: sample.SampleSettings, c: CodeSettings) -> tuple[dic
 # --- ELBO ---------------------------------------------------------------------------------------
 def elbo(ckpt: str | None, device: str, split: str, batch_size: int, batches: int, seed: int | None,
          binary: bool, out: str | None) -> tuple[dict, Path]:
+    if batches < 0:
+        raise UserError(f"--batches {batches}: expected 0 (the run's eval_batches) or a positive "
+                        f"count")
+    if batch_size < 0:
+        raise UserError(f"--batch-size {batch_size}: expected 0 (the run's) or a positive count")
+    if seed is not None:
+        validate.seed(seed)
     run_dir = rundir.resolve(ckpt)
     dev = resolve_device(device)
     if split not in ("valid", "train"):

@@ -8,7 +8,6 @@ q10–q90 over the masked positions) and the share of masks with λ > 0.1.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from rich.table import Table
 
 from smdlm_cli.core import checkpoint
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.models import read_config
+from smdlm_cli.core.runlock import check_output
 from smdlm_cli.core.softmask import SoftMask
 
 GPT2_MDLM_VOCAB = 50258  # for a bare transparency_config.json, which does not say its vocabulary
@@ -37,7 +38,7 @@ def load_target(target: str | None) -> tuple[Path, SoftMask, int, bool]:
                         f"with [softmask] enabled = true, or a softmask/transparency_config JSON")
     vocab = GPT2_MDLM_VOCAB
     if path.is_dir() and (path / "config.json").exists():
-        vocab = int(json.loads((path / "config.json").read_text()).get("vocab_size", vocab))
+        vocab = read_config(path).vocab_size
     return path, softmask, vocab, path.is_dir()
 
 
@@ -166,7 +167,10 @@ def run(target: str | None, *, png: Path | None = None, decode: bool = False, sa
     path, softmask, vocab, is_run = load_target(target)
     info = describe(softmask, vocab)
     base = path if is_run else path.parent
-    png = png or base / ("lambda.png" if is_run else f"{path.stem}-lambda.png")
+    png = check_output(png, "--png") if png else base / ("lambda.png" if is_run else
+                                                           f"{path.stem}-lambda.png")
+    if decode_png:
+        check_output(decode_png, "--decode-png")
     if decode:
         if not is_run:
             raise UserError(f"--decode: {path} is a JSON file; expected a run directory (it samples)")

@@ -51,8 +51,10 @@ def _model(recipe: Recipe, run_dir: Path, resume: bool, tok, main: bool):
     """The backbone and the SoftMask (None for binary runs), initialised as the recipe says."""
     m, sm_cfg = recipe.model, recipe.softmask
     softmask = None
-    if resume:
+    if resume and (run_dir / "config.json").exists():
         backbone = load_model(str(run_dir))
+    elif resume and m.init:  # killed before its first publish: the weights come from state/
+        backbone = load_model(m.init, weights=False)
     elif m.init:
         backbone = load_model(m.init, weights=False)
         report = load_state_into(backbone, m.init)
@@ -64,7 +66,7 @@ def _model(recipe: Recipe, run_dir: Path, resume: bool, tok, main: bool):
             console.print(f"continuing from {m.init}: all backbone weights loaded")
         if sm_cfg.enabled and Path(m.init).is_dir():
             softmask = checkpoint.load_softmask(m.init)
-    else:
+    else:  # new, or resumed before its first publish (then state/ overwrites these weights)
         torch.manual_seed(recipe.train.seed)  # the initial weights are part of what a seed fixes
         backbone = build_dit(m.preset, vocab_size(tok), mask_token_id(tok), m.length,
                              hidden_dim=m.hidden_size, n_blocks=m.n_blocks, n_heads=m.n_heads,

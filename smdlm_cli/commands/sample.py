@@ -20,6 +20,8 @@ from typing import Callable
 from rich.console import Console
 
 from smdlm_cli.core import rundir
+from smdlm_cli.core.runlock import check_output
+from smdlm_cli.core.validate import read_text
 from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.generate import choose_softmask, generate as core_generate
@@ -79,6 +81,15 @@ def parse_options(pairs: list[str] | None) -> dict:
     return options
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """--prompt-file: one prompt per non-blank line of a UTF-8 file; a file with none is an error."""
+    prompts = [line for line in read_text(path, f"--prompt-file {path}").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompt-file {path}: holds no prompt; expected one prompt per line "
+                        f"(leave the flag out to sample unconditionally)")
+    return prompts
+
+
 def sampler_options(s: SampleSettings) -> dict:
     """--option pairs plus the --top-p / --temperature flags that were given."""
     flags = {k: v for k, v in (("top_p", s.top_p), ("temperature", s.temperature)) if v is not None}
@@ -116,7 +127,7 @@ def generate(s: SampleSettings, trace: bool = False, run: rundir.Run | None = No
     if s.chat:  # an instruct model: each prompt as the user turn, the assistant's turn open
         texts = [chat_prompt(tok, [{"role": "user", "content": p}], "--chat") for p in s.prompts or [""]]
     prompts = [texts[i % len(texts)] if texts else "" for i in range(s.num_samples)]
-    length = s.length or model.config.model_length
+    length = model.config.model_length if s.length is None else s.length
     gen = core_generate(model, tok, prompts, length=length, trace=trace, on_batch=on_batch, **kw)
     records = [{"text": tok.decode(ids, skip_special_tokens=True), "tokens": ids, "prompt": p,
                 "seed": seed, "nfe": gen.nfe, "seconds": sec}
@@ -148,13 +159,22 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.meta.json")
 
 
+def check_out(out: str) -> Path:
+    """--out FILE: not a directory, and neither it nor its sidecar FILE.json a run's own file."""
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {out}: is a directory; expected a .jsonl file path")
+    check_output(path.with_suffix(path.suffix + ".json"))
+    return check_output(path)
+
+
 def run(s: SampleSettings, show_steps: bool = False) -> Path:
+    if s.out:
+        check_out(s.out)  # before decoding: a refused path should not cost a generation
     run, records, sidecar, trace = generate(s, trace=show_steps)
     tok = run.tokenizer
-    out = Path(s.out) if s.out else (run.path / "samples" /
-                                     f"samples-{datetime.now():%Y%m%d-%H%M%S}.jsonl")
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; expected a .jsonl file path")
+    out = check_out(s.out) if s.out else (run.path / "samples" /
+                                          f"samples-{datetime.now():%Y%m%d-%H%M%S}.jsonl")
     write(records, sidecar, out)
     if show_steps and trace is None:
         console.print("--show-steps: an AR model has no denoising steps to show")

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from smdlm_cli.core import hub, trainer
+from smdlm_cli.core import hub, runlock, trainer
 from smdlm_cli.core.config import Recipe
 from smdlm_cli.core.distributed import Dist, barrier, cpu_threads, distributed
 from smdlm_cli.core.errors import UserError
@@ -31,17 +31,8 @@ SECTIONS = ("model", "data", "softmask", "train", "finetune")
 console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files and CI logs
 
 
-def run_dir_for(recipe_path: Path, out: Path | None, resume: bool) -> Path:
-    from smdlm_cli.core import checkpoint
-
-    run_dir = out if out is not None else Path("runs") / recipe_path.stem
-    if resume:
-        if checkpoint.latest_state(run_dir) is None:
-            raise UserError(f"--resume: {run_dir} holds no saved training state to continue")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                        f"or --out DIR for a new one")
-    return run_dir
+def run_dir_for(recipe_path: Path, out: Path | None) -> Path:
+    return out if out is not None else Path("runs") / recipe_path.stem
 
 
 def check_resume_recipe(run_dir: Path, recipe: Recipe) -> None:
@@ -64,7 +55,8 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
     """Check the run directory, write recipe.toml, set up, train with progress, summarise.
 
     A run that fails before its first step (offline, bad data) leaves nothing behind, so the same
-    command works once the cause is fixed; a directory it did not create is kept.
+    command works once the cause is fixed; a directory it did not create is kept. Rank 0 holds the
+    run directory's lock throughout (core/runlock.py).
     """
     hub.preflight(hub.recipe_needs(recipe))
     with distributed(recipe.train.device) as ctx:
@@ -74,14 +66,14 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
                 torch.set_num_threads(threads)
             if note and ctx.main:
                 console.print(note)
-        run_dir = run_dir_for(recipe_path, out, resume)
+        run_dir = run_dir_for(recipe_path, out)
+        fresh = not run_dir.exists()
+        lock = runlock.claim(run_dir, resume, ctx.main)  # rank 0 holds it until training ends
         if resume:
             check_resume_recipe(run_dir, recipe)
-        fresh = not run_dir.exists()
         barrier()  # every rank has checked the directory before rank 0 writes into it
         try:
             if ctx.main:
-                run_dir.mkdir(parents=True, exist_ok=True)
                 if not resume:
                     atomic_write_text(run_dir / "recipe.toml", dump_recipe(recipe, header=(
                         f"smdlm {command} {run_dir / 'recipe.toml'} --out {run_dir} --resume")))
@@ -94,11 +86,14 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
         try:
             result = _fit_with_progress(recipe, inputs, run_dir, ctx, resume, command, options)
         except KeyboardInterrupt:
+            if lock is not None:
+                lock.release()
             raise Interrupted(_interrupted(run_dir, command, fresh and ctx.main)) from None
         if ctx.main:
             _summary(run_dir, result, *val_words(objective, inputs[0]))
             if finish is not None:
                 finish(run_dir, inputs, result)
+            lock.release()
         return run_dir
 
 

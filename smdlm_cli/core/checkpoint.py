@@ -8,12 +8,14 @@
       transparency_config.json   the same omega in the official code's key names
       tokenizer/             the tokenizer, mask token included
       metrics.jsonl          one JSON object a line
-      state/latest           name of the newest complete state directory
+      state/latest           name of the newest state whose model is published
       state/step-NNNNNNN/    raw weights, EMA, optimizer, trainer.json: everything for exact resume
 
-Every file is written atomically (temporary name, then rename), and `state/latest` is switched
-only after a state directory is complete, so a process killed at any moment leaves a run that
-loads and resumes. Safetensors and JSON only: nothing is ever unpickled.
+Every file is written atomically (temporary name, then rename). A save writes the state
+directory (trainer.json last), then publishes the model, then switches `state/latest`; the newest
+state with a trainer.json is the one resumed, so a process killed at any moment leaves a run that
+resumes (and republishes), and a model that loads once one save has completed. Safetensors and
+JSON only: nothing is ever unpickled.
 Not here: the training loop (trainer.py) or model architectures (models/).
 """
 
@@ -25,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from smdlm_cli.core import validate
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import (atomic_save_tensors, atomic_write_json, atomic_write_text,
-                               load_tensors, read_json)
+                               load_tensors)
 from smdlm_cli.core.softmask import SoftMask
 
 STATE = "state"
@@ -52,12 +55,9 @@ def load_softmask(path: str | Path) -> SoftMask | None:
                 break
         else:
             return None
-    try:
-        d = read_json(path)
-    except FileNotFoundError:
-        raise UserError(f"softmask file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not path.exists():
+        raise UserError(f"softmask file not found: {path}")
+    d = validate.read_json(path)
     if d.get("transparency_alg") == "none":
         return None
     return SoftMask.from_dict(d, source=str(path))
@@ -97,43 +97,90 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_state(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
                trainer: dict) -> Path:
-    """Write state/step-NNNNNNN/ completely, then point state/latest at it, then prune old ones."""
-    state_root = run_dir / STATE
-    d = state_root / f"step-{step:07d}"
+    """Write state/step-NNNNNNN/ completely; trainer.json, written last, marks it complete.
+
+    The caller then publishes the model and calls `commit_state`. A state directory that fails
+    half-way (disk full) is removed: the previous state and model stay as they were.
+    """
+    d = run_dir / STATE / f"step-{step:07d}"
     if d.exists():  # a leftover of a run killed while writing this very step
         shutil.rmtree(d)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    atomic_save_tensors(d / "weights.safetensors", weights)
-    atomic_save_tensors(d / "optimizer.safetensors", opt_tensors)
-    atomic_write_json(d / "optimizer.json", opt_meta)
-    if ema is not None:
-        atomic_save_tensors(d / "ema.safetensors", ema)
-    atomic_write_json(d / "trainer.json", {**trainer, "step": step})
-    atomic_write_text(state_root / "latest", d.name + "\n")
-    for old in sorted(state_root.glob("step-*"))[:-1]:
-        if old.name != d.name:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        atomic_save_tensors(d / "weights.safetensors", weights)
+        atomic_save_tensors(d / "optimizer.safetensors", opt_tensors)
+        atomic_write_json(d / "optimizer.json", opt_meta)
+        if ema is not None:
+            atomic_save_tensors(d / "ema.safetensors", ema)
+        atomic_write_json(d / "trainer.json", {**trainer, "step": step})
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     return d
 
 
-def latest_state(run_dir: Path) -> Path | None:
+def commit_state(run_dir: Path, state_dir: Path) -> None:
+    """Point state/latest at a complete state whose model is published, then prune older ones."""
+    state_root = run_dir / STATE
+    atomic_write_text(state_root / "latest", state_dir.name + "\n")
+    for old in sorted(state_root.glob("step-*"))[:-1]:
+        if old.name != state_dir.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def is_committed(run_dir: Path, state_dir: Path) -> bool:
+    """Whether state/latest names `state_dir`, i.e. its model was published after it was saved."""
     pointer = run_dir / STATE / "latest"
-    if not pointer.exists():
-        return None
-    d = run_dir / STATE / pointer.read_text().strip()
-    return d if (d / "trainer.json").exists() else None
+    return pointer.exists() and pointer.read_text().strip() == state_dir.name
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    """The newest complete state directory (with trainer.json), committed or not.
+
+    A run killed after saving a state but before publishing its model resumes from that state
+    (and publishes it again): the pointer state/latest only records what was published.
+    """
+    complete = [d for d in (run_dir / STATE).glob("step-*") if (d / "trainer.json").is_file()]
+    return max(complete, key=lambda d: d.name) if complete else None
 
 
 def load_state(state_dir: Path, device="cpu") -> dict:
-    """weights, optimizer state_dict, ema (or None) and the trainer dict of one state directory."""
+    """weights, optimizer state_dict, ema (or None) and the trainer dict of one state directory.
+
+    A damaged file (cut short, hand-edited) is one UserError naming it, before anything is used.
+    """
+    def tensors(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_tensors(state_dir / name, device)
+        except Exception as e:  # SafetensorError, OSError: truncated, missing, not safetensors
+            raise UserError(f"--resume: {state_dir / name} is damaged ({_first_line(e)}); "
+                            f"expected the safetensors file a save writes") from None
+
+    trainer_file, meta_file = state_dir / "trainer.json", state_dir / "optimizer.json"
+    trainer = validate.read_json(trainer_file, f"--resume: {trainer_file}")
+    for key, kind in (("step", int), ("forwards", int), ("tokens", int), ("loader", dict)):
+        if not isinstance(trainer.get(key), kind):
+            raise UserError(f"--resume: {trainer_file}: {key} = {trainer.get(key)!r}; expected "
+                            f"{'an integer' if kind is int else 'an object'}")
+    meta = validate.read_json(meta_file, f"--resume: {meta_file}")
+    if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars"), dict):
+        raise UserError(f"--resume: {meta_file}: expected param_groups (a list) and scalars (an "
+                        f"object)")
     ema_path = state_dir / "ema.safetensors"
+    try:
+        optimizer = _unflatten_optimizer(tensors("optimizer.safetensors"), meta)
+    except ValueError as e:
+        raise UserError(f"--resume: {meta_file}: unexpected entry ({e})") from None
     return {
-        "weights": load_tensors(state_dir / "weights.safetensors", device),
-        "optimizer": _unflatten_optimizer(load_tensors(state_dir / "optimizer.safetensors", device),
-                                          read_json(state_dir / "optimizer.json")),
-        "ema": load_tensors(ema_path, device) if ema_path.exists() else None,
-        "trainer": read_json(state_dir / "trainer.json"),
+        "weights": tensors("weights.safetensors"),
+        "optimizer": optimizer,
+        "ema": tensors("ema.safetensors") if ema_path.exists() else None,
+        "trainer": trainer,
     }
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
@@ -142,12 +189,14 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            record = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int) \
+                and record.get("step", 0) <= step:
+            kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from smdlm_cli.core import validate
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.samplers import decode
 from smdlm_cli.core.softmask import SoftMask
@@ -92,6 +93,9 @@ def generate(model, tok, prompts: list[str], *, sampler: str, nfe: int,
         raise UserError(f"--length {length}: expected 2 to {model_length} (the model's length)")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: expected an integer >= 1")
+    validate.seed(seed, rows=len(prompts))
+    if softmask is not None:
+        softmask.check_vocabulary(model.vocab_size, "--k")
     device = model.embedding_weight().device
     softmask = softmask.to(device) if softmask is not None else None
     bos = [tok.bos_token_id] if getattr(model, "wants_bos", True) else []

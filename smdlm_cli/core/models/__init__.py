@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from smdlm_cli.core import hub
+from smdlm_cli.core import hub, validate
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json, atomic_save_tensors, load_tensors
 from smdlm_cli.core.models.dit import DiT, DiTConfig
@@ -51,12 +51,13 @@ def resolve(path_or_name: str) -> Path:
 
 def read_config(model_dir: Path) -> DiTConfig | DreamConfig | LLaDAConfig:
     file = model_dir / "config.json"
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
+    if not file.exists():
+        if (model_dir / "state").is_dir() and (model_dir / "recipe.toml").is_file():
+            raise UserError(f"{model_dir}: no published model yet (the run stopped before its "
+                            f"first save completed); resume it with `smdlm pretrain "
+                            f"{model_dir / 'recipe.toml'} --out {model_dir} --resume`") from None
         raise UserError(f"{model_dir}: no config.json; expected a model directory") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    config = validate.read_json(file)
     kind = str(config.get("model_type", "mdlm")).lower()
     if kind not in ADAPTERS:
         raise UserError(f"{file}: model_type {config.get('model_type')!r} is not supported; "
@@ -66,9 +67,15 @@ def read_config(model_dir: Path) -> DiTConfig | DreamConfig | LLaDAConfig:
 
 def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, or of the shards its index lists, prefix stripped."""
+    validate.refuse_pickled(model_dir, "model")
     index = model_dir / "model.safetensors.index.json"
-    files = (sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-             if index.exists() else [model_dir / "model.safetensors"])
+    files = [model_dir / "model.safetensors"]
+    if index.exists():
+        shards = validate.read_json(index).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(f, str) for f in shards.values()):
+            raise UserError(f"{index}: weight_map is not an object of file names; expected a "
+                            f"safetensors index")
+        files = sorted({model_dir / f for f in shards.values()})
     tensors = {}
     for f in files:
         try:
@@ -77,6 +84,10 @@ def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{f}: missing; expected the model's safetensors weights") from None
         except (SafetensorError, OSError) as e:
             raise UserError(f"{f}: not a readable safetensors file ({e})") from None
+    for name, t in tensors.items():  # NaN weights decode to garbage (or nothing) without a word
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{model_dir}: weight {name} holds NaN or infinite values; the model "
+                            f"is broken (a diverged run?); expected finite weights")
     return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
 
 
@@ -159,12 +170,19 @@ def _load_adapted(run_dir: Path, device, dtype) -> nn.Module:
 
     try:
         base = json.loads((run_dir / "base.json").read_text())["path"]
-    except (OSError, json.JSONDecodeError, KeyError):
+        if not isinstance(base, str):
+            raise TypeError(base)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{run_dir}: has adapter/ but no readable base.json naming its base model; "
                         f"expected a run directory written by smdlm finetune") from None
+    adapter = run_dir / "adapter"
+    validate.refuse_pickled(adapter, "adapter", "adapter_model.safetensors")
+    if not (adapter / "adapter_model.safetensors").is_file():  # peft would look for a pickle next
+        raise UserError(f"{adapter}: no adapter_model.safetensors; expected the adapter smdlm "
+                        f"finetune writes")
     inside = run_dir / base  # a base the run holds is named relative to the run
     model = load_model(str(inside) if inside.is_dir() else base, device=device, dtype=dtype)
-    return PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
 
 def save_model(model: DiT | Dream | LLaDA, out_dir: str | Path) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.validate import check_fields
 from smdlm_cli.core.models.cache import KVCache
 
 # (hidden_dim, n_blocks, n_heads, cond_dim); small and medium are MDLM's configs/model/*.yaml.
@@ -62,10 +63,14 @@ class DiTConfig:
     @classmethod
     def from_json(cls, d: dict, where: str) -> "DiTConfig":
         known = {f.name for f in fields(cls)}
-        missing = [k for k in ("vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks",
-                               "n_heads") if k not in d]
+        sizes = ("vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks", "n_heads")
+        check_fields(cls, d, where, positive=sizes, non_negative=("dropout",))
+        missing = [k for k in sizes if k not in d]
         if missing:
             raise UserError(f"{where}: missing {', '.join(missing)}; expected an MDLM config.json")
+        if d.get("mask_id", -1) >= d["vocab_size"]:
+            raise UserError(f"{where}: mask_id = {d['mask_id']} is outside the vocabulary of "
+                            f"{d['vocab_size']}")
         return cls(**{k: v for k, v in d.items() if k in known})  # HF extras (auto_map, ...) ignored
 
     def to_json(self) -> dict:
@@ -257,5 +262,14 @@ def build_dit(preset: str, vocab_size: int, mask_id: int, length: int, *, hidden
         raise UserError(f"model.preset = {preset!r}, expected one of {', '.join(PRESETS)}")
     h, b, n, c = (given or default for given, default in
                   zip((hidden_dim, n_blocks, n_heads, cond_dim), PRESETS[preset]))
-    return DiT(DiTConfig(vocab_size=vocab_size, model_length=length, hidden_dim=h, cond_dim=c,
-                         n_blocks=b, n_heads=n, dropout=dropout, mask_id=mask_id, causal=causal))
+    config = DiTConfig(vocab_size=vocab_size, model_length=length, hidden_dim=h, cond_dim=c,
+                       n_blocks=b, n_heads=n, dropout=dropout, mask_id=mask_id, causal=causal)
+    try:
+        return DiT(config)
+    except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
+        if isinstance(e, RuntimeError) and "allocate" not in str(e):
+            raise
+        billions = (2 * vocab_size * h + b * (12 * h * h + 6 * h * c)) / 1e9
+        raise UserError(f"model: hidden size {h}, {b} blocks, {vocab_size} tokens (about "
+                        f"{billions:.3g}G parameters) do not fit in memory; expected smaller "
+                        f"model.hidden_size / n_blocks") from None

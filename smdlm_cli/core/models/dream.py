@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from smdlm_cli.core.errors import UserError
+from smdlm_cli.core.validate import check_fields
 from smdlm_cli.core.models.cache import KVCache
 
 USABLE_CONTEXT = 2048  # Dream was trained at 2048 tokens; max_position_embeddings is not a limit
@@ -74,9 +75,15 @@ class DreamConfig:
     @classmethod
     def from_json(cls, d: dict, where: str) -> "DreamConfig":
         names = {f.name for f in fields(cls)} - {"extra"}
+        check_fields(cls, d, where, positive=REQUIRED[:-1] + ("rope_theta", "rms_norm_eps",
+                                                              "max_position_embeddings"),
+                     non_negative=("mask_token_id",))
         missing = [k for k in REQUIRED if k not in d]
         if missing:
             raise UserError(f"{where}: missing {', '.join(missing)}; expected a Dream config.json")
+        if d["mask_token_id"] >= d["vocab_size"]:
+            raise UserError(f"{where}: mask_token_id = {d['mask_token_id']} is outside the "
+                            f"vocabulary of {d['vocab_size']}")
         return cls(**{k: v for k, v in d.items() if k in names},
                    extra={k: v for k, v in d.items() if k not in names})
 

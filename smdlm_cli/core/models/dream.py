@@ -17,17 +17,16 @@ Not here: loading files (models/__init__.py), sampling, training.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.validate import check_fields
 from smdlm_cli.core.models.cache import KVCache
+from smdlm_cli.core.models.stack import run_blocks
 
 USABLE_CONTEXT = 2048  # Dream was trained at 2048 tokens; max_position_embeddings is not a limit
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -207,17 +206,8 @@ class Dream(nn.Module):
         models/cache.py; position_ids (B, W) the RoPE positions of the given tokens (default: their
         columns, so left padding needs them)."""
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        W = h.shape[1]
-        if position_ids is None:
-            position_ids = (cache.positions(W, h.device) if cache is not None
-                            else torch.arange(W, device=h.device))
-        cos, sin = rope(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        # key padding only (B, 1, 1, L): pad queries still attend, so no row is all -inf (NaN)
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, mask, cache, i, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, cache, i)
+        h = run_blocks(self.model.layers, h, rope, self.config.head_dim, self.config.rope_theta,
+                       attention_mask, cache, position_ids,
+                       self.gradient_checkpointing and self.training)
         logits = self.lm_head(self.model.norm(h))
         return torch.cat((logits[:, :1], logits[:, :-1]), dim=1)  # row l predicts token l

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.models.cache import KVCache
+from smdlm_cli.core.models.stack import run_blocks
 from smdlm_cli.core.models.dream import rotate_half
 
 MASK_ID = 126336  # LLaDA's <|mdm_mask|>, hard-coded in its generate.py; config.json may repeat it
@@ -218,17 +218,8 @@ class LLaDA(nn.Module):
         columns, so left padding needs them)."""
         t = self.model.transformer
         h = t.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        W = h.shape[1]
-        if position_ids is None:
-            position_ids = (cache.positions(W, h.device) if cache is not None
-                            else torch.arange(W, device=h.device))
-        cos, sin = rope(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        # key padding only (B, 1, 1, L): pad queries still attend, so no row is all -inf (NaN)
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        for i, block in enumerate(t.blocks):
-            if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, cos, sin, mask, cache, i, use_reentrant=False)
-            else:
-                h = block(h, cos, sin, mask, cache, i)
+        h = run_blocks(t.blocks, h, rope, self.config.head_dim, self.config.rope_theta,
+                       attention_mask, cache, position_ids,
+                       self.gradient_checkpointing and self.training)
         h = t.ln_f(h)
         return F.linear(h, t.wte.weight) if self.config.weight_tying else t.ff_out(h)

@@ -75,8 +75,10 @@ DECODING = {
     "seed": (Seed, 0),
     "sm_schedule": (Annotated[str, typer.Option("--sm-schedule", help="none, linear or "
                                                 "stepwise")], "none"),
-    "exact": (Annotated[bool, typer.Option("--exact", help="a forward at every step (no reuse of "
-                                           "a step that changed nothing)")], False),
+    "exact": (Annotated[Optional[bool], typer.Option(
+        "--exact/--no-exact", help="a forward at every step, also at one that changes nothing (SM "
+        "feedback keeps refining); default: the model's (Dream yes, as its own loop; MDLM no)")],
+        None),
     "device": (Device, "auto"),
     "ckpt": (Ckpt, None),
 }

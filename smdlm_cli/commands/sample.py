@@ -45,7 +45,7 @@ class SampleSettings:
     temperature: float | None = None
     seed: int = 0
     sm_schedule: str = "none"
-    exact: bool = False
+    exact: bool | None = None       # None: the model's default (Dream: a forward every step)
     device: str = "auto"
     out: str | None = None
     options: dict = field(default_factory=dict)  # further sampler options (--option KEY=VALUE)

@@ -112,17 +112,21 @@ def sft_noised(batch, t: Tensor, mask_id: int, g: torch.Generator) -> Tensor:
     return torch.where(forced, torch.full_like(x0, mask_id), xt)
 
 
-def sft_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
-    """(loss, summed nll): (1/t) times the mean CE over the batch's masked tokens, as the paper."""
-    nll = diffusion.masked_nll(logits, x0, xt, mask_id).sum()
+def sft_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int,
+             keep_mask: bool = False) -> tuple[Tensor, Tensor]:
+    """(loss, summed nll): (1/t) times the mean CE over the batch's masked tokens, as the paper;
+    a full-vocabulary CE with keep_mask (the official Dream fine-tuning's HF loss)."""
+    nll = diffusion.masked_nll(logits, x0, xt, mask_id, keep_mask).sum()
     return nll / (xt == mask_id).sum().clamp_min(1) / t, nll
 
 
 class SFT:
     """The fine-tuning objective on SFTBatch (input_ids, attention_mask, maskable)."""
 
-    def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int):
+    def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int,
+                 keep_mask: bool = False):
         self.cfg, self.layout, self.ctx, self.mask_id = cfg, layout, ctx, mask_id
+        self.keep_mask = keep_mask  # the backbone's mask_logit is "keep" (Dream)
 
     def begin_step(self, step: int) -> None:
         pass  # each micro-batch draws its own noise: their lengths differ
@@ -134,7 +138,7 @@ class SFT:
         return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
 
     def loss(self, logits: Tensor, n: Noised) -> Tensor:
-        return sft_loss(logits, n.x0, n.xt, n.t, self.mask_id)[0] / self.layout.accum
+        return sft_loss(logits, n.x0, n.xt, n.t, self.mask_id, self.keep_mask)[0] / self.layout.accum
 
     def validation_input(self, batch, i: int, n_batches: int, seed: int) -> Noised:
         cfg = self.cfg  # fixed times, evenly spread over [t_min, t_max]
@@ -144,7 +148,7 @@ class SFT:
         return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
 
     def terms(self, logits: Tensor, n: Noised) -> Tensor:
-        loss, nll = sft_loss(logits, n.x0, n.xt, n.t, self.mask_id)
+        loss, nll = sft_loss(logits, n.x0, n.xt, n.t, self.mask_id, self.keep_mask)
         return torch.stack([nll.double(), (n.xt == self.mask_id).sum().double(), loss.double()])
 
 
@@ -155,6 +159,9 @@ def build(name: str, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, backbone)
     """The objective `name` for this backbone; "elbo" means the AR loss for a causal model."""
     if name == "elbo" and getattr(backbone.config, "causal", False):
         name = "ar"
+    if name == "sft":
+        return SFT(cfg, layout, ctx, backbone.mask_id, backbone.config.model_length,
+                   diffusion.keeps_mask(backbone))
     return OBJECTIVES[name](cfg, layout, ctx, backbone.mask_id, backbone.config.model_length)
 
 

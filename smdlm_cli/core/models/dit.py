@@ -182,6 +182,8 @@ class DiT(nn.Module):
     """
 
     wants_bos = True  # trained on [BOS] ... [EOS] blocks: prompts start after a BOS
+    mask_logit = "drop"  # SUBS: [MASK] is never predicted (MDLM); see diffusion.MASK_LOGIT
+    forward_every_step = False  # MDLM's sampler reuses a step that changed nothing (loop.py)
 
     def __init__(self, config: DiTConfig):
         super().__init__()

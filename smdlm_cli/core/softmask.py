@@ -28,6 +28,7 @@ from smdlm_cli.core.diffusion import NEG_INF, at_least_fp32
 from smdlm_cli.core.errors import UserError
 
 _EPS = 1e-6  # the official code's margin that keeps centre < 0 and steepness, temperature > 0
+_ENT_EPS = 1e-10  # inside the entropy's log, as the official heads
 OFFICIAL_ALGS = ("mixinputs_with_topk", "mixinputs_with_temp")
 
 
@@ -129,17 +130,18 @@ class SoftMask(nn.Module):
                                mask_id: int | None = None) -> tuple[Tensor, Tensor]:
         # Logits are constants here (the paper's second pass sees the first as data), in fp32.
         # mask_id: raw logits whose [MASK] column is dropped (SUBS never predicts the mask).
+        # H = -sum p log(p + 1e-10), the official heads' formula to the last bit (the 1e-10 moves
+        # H by up to V * 1e-10, 1.5e-5 at Dream's vocabulary).
         z = at_least_fp32(logits.detach())
         if mask_id is not None and not normalized:
             z = z.masked_fill(torch.arange(z.shape[-1], device=z.device) == mask_id, NEG_INF)
-        if normalized and self.raw_temperature is None:
-            # Already log-probabilities (a sampler's SUBS output): no log_softmax, and p log p
-            # multiplied into p's own buffer instead of a second (.., V) temporary.
-            return z, -z.exp().mul_(z).sum(-1)
-        if self.raw_temperature is not None:
-            z = z / self.temperature
-        logp = torch.log_softmax(z, dim=-1)
-        return logp, -(logp.exp() * logp).sum(-1)
+        if not (normalized and self.raw_temperature is None):
+            # normalized input (a sampler's log p) skips this unless a temperature reshapes it
+            if self.raw_temperature is not None:
+                z = z / self.temperature
+            z = torch.log_softmax(z, dim=-1)
+        p = z.exp()
+        return z, -(p * torch.log(p + _ENT_EPS)).sum(-1)
 
     def lam_from_entropy(self, entropy: Tensor) -> Tensor:
         """lambda(H) = scale * sigmoid(steepness * (-H - centre)), elementwise."""

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dream_fixtures import random_dream
-from oracle_dream import SMArgs, dream_generate
+from oracle_dream import SMArgs, dream_generate, head_mixture, raw_logits, shifted
+from smdlm_cli.core import trainer
 from smdlm_cli.core.samplers import decode
 from smdlm_cli.core.softmask import SoftMask
 
@@ -153,3 +154,50 @@ def test_the_defaults_matter():
         out, _ = smdlm(model, x, GEN, softmask(3))
         dropped += not torch.equal(out.tokens, ref.tokens)
     assert skipped >= 3 and dropped >= 3, (skipped, dropped)
+
+
+def official_sft_loss(model, x0, xt, t, raw, alg, k):
+    """The official dLLMTrainer.compute_loss on a soft-masked batch: pass 1 without gradients,
+    TransparencyHead p_sm @ W, pass 2 with labels = x0 at masks (-100 elsewhere) under HF's
+    ForCausalLMLoss (labels shifted left against the raw logits; full-vocabulary CE, mean over
+    the labelled tokens), times dsigma = 1/t."""
+    mask_id = model.mask_id
+    with torch.no_grad():
+        prelim = shifted(raw_logits(model, input_ids=xt))
+    p_sm = head_mixture(xt, prelim, mask_id, raw, alg, k)
+    logits = raw_logits(model, inputs_embeds=p_sm @ model.model.embed_tokens.weight)
+    labels = torch.where(xt == mask_id, x0, torch.full_like(x0, -100))
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                           ignore_index=-100)
+    return ce / t
+
+
+@pytest.mark.parametrize("alg,k", [("mixinputs_with_topk", 1), ("mixinputs_with_topk", 3),
+                                   ("mixinputs_with_temp", 1)])
+def test_fine_tuning_step_is_the_official_one(alg, k):
+    """smdlm's two-pass fine-tuning loss on a Dream model (the [MASK] column kept) against the
+    official trainer's, in float64: loss and every gradient (adapters' stand-in: all weights; and
+    omega, the temperature included) to float64 precision."""
+    for seed in range(5):
+        model, _ = setup(seed, heavy=True)
+        temp = TEMP if alg == "mixinputs_with_temp" else None
+        sm = SoftMask(k=k, scale=0.5, centre=-3.0, steepness=2.0, temperature=temp).double()
+        g = torch.Generator().manual_seed(seed)
+        x0 = torch.randint(0, 93, (1, 24), generator=g)
+        t = torch.tensor(0.2 + 0.6 * torch.rand((), generator=g).item(), dtype=torch.float64)
+        maskable = torch.arange(24) >= 8  # the prompt is never masked
+        xt = torch.where((torch.rand(1, 24, generator=g) < t) & maskable, model.mask_id, x0)
+        logits = trainer.TwoPass(model, sm)(xt, use_sm=True)
+        loss = trainer.sft_loss(logits, x0, xt, t, model.mask_id, keep_mask=True)[0]
+        raw_t = sm.raw_temperature if temp else torch.tensor(0.5413, dtype=torch.float64)
+        raw = (sm.raw_scale, sm.raw_centre, sm.raw_steepness, raw_t)
+        want_loss = official_sft_loss(model, x0, xt, t, raw, alg, k)
+        params = list(model.parameters()) + list(sm.parameters())
+        got, want = torch.autograd.grad(loss, params), torch.autograd.grad(want_loss, params)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-11, atol=1e-14)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert all(g.abs().sum() > 0 for g in got[-len(list(sm.parameters())):])
+        # power: the SUBS loss (the [MASK] column dropped) is another number on this head
+        subs = trainer.sft_loss(logits, x0, xt, t, model.mask_id, keep_mask=False)[0]
+        assert abs(subs - loss) > 1e-3

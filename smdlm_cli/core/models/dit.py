@@ -118,7 +118,8 @@ class TimestepEmbedder(nn.Module):
         half = FREQ_DIM // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device).float() / half)
         args = sigma[:, None].float() * freqs[None]
-        return self.mlp(torch.cat((args.cos(), args.sin()), dim=-1))
+        emb = torch.cat((args.cos(), args.sin()), dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # fp32 features, the model's dtype
 
 
 class DiTBlock(nn.Module):

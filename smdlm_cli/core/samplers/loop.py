@@ -19,6 +19,11 @@ SM patch relies on it: at one token per step, step 0 commits nothing but its for
 feeds step 1. So `exact` defaults to the model's `forward_every_step` (True for Dream, False for
 the MDLM DiT, whose official sampler reuses such steps as above): docs/official-parity.md.
 
+Noise removal (MDLM family) under SM: the official sampler's last forward before it ran on the
+final x (at the first step after the last change), so its feedback refined once more. A row whose
+last change came before the last step therefore gets one settling forward on its final x, whose
+feedback its noise-removal forward starts from: one more NFE, the official one.
+
 Host transfers, all before the loop: the positions to generate, and for the MDLM family the plan.
 The confidence sampler with a KV cache, threshold or factor (Fast-dLLM) decodes block by block in
 blockwise.py instead: its windows and data-dependent step counts do not fit this plan.
@@ -157,7 +162,11 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
     refresh_all = exact and softmask is not None
     run = [refresh_all or any(c) for c in changes]
     final = any(transition.noise_removal)
-    forward_steps = [i for i in range(steps) if run[i]] + ([steps] if final else [])
+    # Rows whose noise removal must first see a forward on their final x (module docstring)
+    settle = ([b for b in range(x.shape[0]) if transition.noise_removal[b] and not changes[-1][b]]
+              if softmask is not None and not refresh_all else [])
+    forward_steps = ([i for i in range(steps) if run[i]] + ([steps] if settle else [])
+                     + ([steps + 1] if final else []))
     left = transition.masks_left
     # feedback rows: a row takes a forward's feedback only at steps where it changes (or all, exact)
     fb_rows = [list(range(len(c))) if refresh_all else [b for b, ch in enumerate(c) if ch]
@@ -190,11 +199,14 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
     try:
         with torch.no_grad():
             for n, i in enumerate(forward_steps):
-                for _ in range(done, i):  # steps without a forward: nothing changes
+                for _ in range(done, min(i, steps)):  # steps without a forward: nothing changes
                     record(x, None)
-                done = i
+                done = min(i, steps)
                 logp, lam, is_mask = forward(x, first=n == 0)
-                if i == steps:  # noise removal: argmax of the unfiltered p at the masks left
+                if i == steps:  # settle: the feedback noise removal starts from
+                    fb.update(logp, x, settle, [left[-1][b] for b in settle])
+                    continue
+                if i == steps + 1:  # noise removal: argmax of the unfiltered p at the masks left
                     if keep:  # a kept [MASK] column is never a token to decode to
                         logp[..., mask_id] = float("-inf")
                     x = torch.where((x == mask_id) & real, logp.argmax(-1), x)
@@ -212,12 +224,12 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
         model.train(was_training)
 
     skipped = steps - sum(run)
-    info = _trace(snapshots, lam_log, run, final, mask_id, real) if trace else None
+    info = _trace(snapshots, lam_log, run, final, bool(settle), mask_id, real) if trace else None
     return DecodeResult(x, len(forward_steps), steps, skipped, info)
 
 
-def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool, mask_id: int,
-           real: Tensor) -> dict:
+def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool, settle: bool,
+           mask_id: int, real: Tensor) -> dict:
     """Per-step decoding record, computed after the loop (the loop only kept device tensors).
 
     tokens (steps + 1, B, L) on the CPU (state before each step, then the result before noise
@@ -231,6 +243,7 @@ def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool,
     out = {
         "forward": list(run),
         "noise_removal": final,
+        "settle": settle,         # a settling forward ran before noise removal (SM)
         "tokens": tokens,
         "unmasked": (masked[:-1] & ~masked[1:]).sum(-1).tolist(),
         "remasked": (~masked[:-1] & masked[1:]).sum(-1).tolist(),

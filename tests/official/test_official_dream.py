@@ -11,7 +11,10 @@ import torch
 
 from dream_fixtures import random_dream
 from oracle_dream import SMArgs, dream_generate, head_mixture, raw_logits, shifted
-from smdlm_cli.core import trainer
+from smdlm_cli.core import objectives
+from smdlm_cli.core.config import TrainConfig
+from smdlm_cli.core.distributed import Dist, batch_layout
+from smdlm_cli.core.twopass import TwoPass
 from smdlm_cli.core.samplers import decode
 from smdlm_cli.core.softmask import SoftMask
 
@@ -187,8 +190,10 @@ def test_fine_tuning_step_is_the_official_one(alg, k):
         t = torch.tensor(0.2 + 0.6 * torch.rand((), generator=g).item(), dtype=torch.float64)
         maskable = torch.arange(24) >= 8  # the prompt is never masked
         xt = torch.where((torch.rand(1, 24, generator=g) < t) & maskable, model.mask_id, x0)
-        logits = trainer.TwoPass(model, sm)(xt, use_sm=True)
-        loss = trainer.sft_loss(logits, x0, xt, t, model.mask_id, keep_mask=True)[0]
+        logits = TwoPass(model, sm)(xt, use_sm=True)
+        cfg = TrainConfig(batch_size=1)
+        sft = objectives.build("sft", cfg, batch_layout(cfg, 1), Dist(), model)
+        loss = sft.loss(logits, objectives.Noised(x0, xt, t))  # one micro-batch: accum 1
         raw_t = sm.raw_temperature if temp else torch.tensor(0.5413, dtype=torch.float64)
         raw = (sm.raw_scale, sm.raw_centre, sm.raw_steepness, raw_t)
         want_loss = official_sft_loss(model, x0, xt, t, raw, alg, k)
@@ -199,5 +204,5 @@ def test_fine_tuning_step_is_the_official_one(alg, k):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
         assert all(g.abs().sum() > 0 for g in got[-len(list(sm.parameters())):])
         # power: the SUBS loss (the [MASK] column dropped) is another number on this head
-        subs = trainer.sft_loss(logits, x0, xt, t, model.mask_id, keep_mask=False)[0]
+        subs = objectives.sft_loss(logits, x0, xt, t, model.mask_id, keep_mask=False)[0]
         assert abs(subs - loss) > 1e-3

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from oracle_language import mdlm_generate, two_pass_loss
-from smdlm_cli.core import diffusion, trainer
+from smdlm_cli.core import diffusion
 from smdlm_cli.core.models.dit import build_dit
 from smdlm_cli.core.samplers import decode, mdlm
 from smdlm_cli.core.softmask import SoftMask
+from smdlm_cli.core.twopass import TwoPass
 
 V, L = 64, 16
 MASK = V - 1
@@ -87,7 +88,7 @@ def test_two_pass_training_step_is_the_official_one(k):
         x0 = torch.randint(0, MASK, (3, L), generator=g)
         t = torch.rand(3, generator=g, dtype=torch.float64) * 0.9 + 0.05
         xt = diffusion.q_xt(x0, t, MASK, generator=g)
-        two_pass = trainer.TwoPass(model, sm)
+        two_pass = TwoPass(model, sm)
         loss = diffusion.elbo_per_token(two_pass(xt, use_sm=True), x0, xt, t, MASK).sum() / x0.numel()
         params = list(model.parameters()) + [sm.raw_scale, sm.raw_centre, sm.raw_steepness]
         got = torch.autograd.grad(loss, params)

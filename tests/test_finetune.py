@@ -189,6 +189,21 @@ def test_finetuned_run_samples_and_evaluates(tmp_path, base, data):
     assert chat.exit_code == 0, chat.output
     row = json.loads((tmp_path / "c.jsonl").read_text())
     assert row["prompt"].endswith("<|im_start|>user\nAdd 2 and 1.<|im_end|>\n<|im_start|>assistant\n")
+    # the run records the paper's Dream decoding, and evaluate uses it when no flag is given
+    assert json.loads((tmp_path / "run" / "sampler.json").read_text()) == {
+        "sampler": "confidence", "options": {"alg": "entropy", "temperature": 0.1, "top_p": 0.9},
+        "nfe": "tokens"}
+    report = runner.invoke(app, ["evaluate", "humaneval", "--ckpt", str(tmp_path / "run"), "--format",
+                                 "instruct", "--limit", "1", "--max-new-tokens", "12", "--json",
+                                 "--temperature", "0.2", "--out", str(tmp_path / "he2.json")])
+    assert report.exit_code == 0, report.output
+    generation = json.loads(report.stdout)["generation"]
+    assert (generation["sampler"], generation["nfe"]) == ("confidence", 12)  # one step per token
+    assert generation["options"] == {"alg": "entropy", "temperature": 0.2, "top_p": 0.9}  # flag wins
+    (tmp_path / "run" / "sampler.json").write_text('{"sampler": "confidence", "options": {"alg": "x"}}')
+    bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run")])
+    assert bad.exit_code == 2 and "sampler.json: sampler confidence: alg = 'x'" in bad.stderr
+    (tmp_path / "run" / "sampler.json").unlink()  # a Dream run without one: the same paper defaults
     bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--sampler", "confidence",
                               "-o", "cache=disk"])
     assert bad.exit_code == 2 and "cache = 'disk', expected one of none, prefix, dual" in bad.stderr

@@ -6,8 +6,8 @@ DoRA or LoRA adapters; the SoftMask parameters train beside them at their own le
 loop is pretrain's (core/trainer.py) with the fine-tuning objective: chat-formatted examples,
 prompt never masked, one t per batch in [t_min, t_max], (1/t)-weighted loss.
 A run directory holds adapter/ (adapter_config.json, adapter_model.safetensors), base.json (where
-the base model is), softmask.json + transparency_config.json, tokenizer/, recipe.toml,
-metrics.jsonl and state/; `--merge` adds the merged model (config.json + model.safetensors).
+the base model is), softmask.json + transparency_config.json, sampler.json (the paper's decoding,
+what sample and evaluate default to), tokenizer/, recipe.toml, metrics.jsonl and state/; `--merge` adds the merged model (config.json + model.safetensors).
 `smdlm sample` / `evaluate` load such a run by merging the adapter into the base.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from smdlm_cli.commands.training import console, train
-from smdlm_cli.core import checkpoint, sft
+from smdlm_cli.core import checkpoint, sampler_defaults, sft
 from smdlm_cli.core.config import Recipe
 from smdlm_cli.core.distributed import Dist, barrier, batch_layout
 from smdlm_cli.core.errors import UserError
@@ -127,6 +127,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):
     if ctx.main:
         tok.save_pretrained(run_dir / "tokenizer")
         atomic_write_json(run_dir / "base.json", {"path": _portable(base, run_dir)})
+        # the decoding this run expects unless flags say otherwise (the paper's, for Dream)
+        sampler_defaults.write(run_dir, sampler_defaults.for_model(model))
     f, t = recipe.finetune, recipe.train
     train_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "train")
     valid_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "valid")

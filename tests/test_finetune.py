@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from dream_fixtures import write_chat_base
+from dream_fixtures import random_dream, write_chat_base
 from smdlm_cli.cli.app import app
 from smdlm_cli.core import objectives, sft
-from smdlm_cli.core.config import DataConfig
+from smdlm_cli.core.config import DataConfig, TrainConfig
+from smdlm_cli.core.distributed import Dist, batch_layout
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import load_tensors
 from smdlm_cli.core.models import load_model
@@ -162,6 +163,7 @@ def test_offline_dream_recipes_fail_fast(tmp_path):
         r = load_recipe(f"recipes/{name}.toml")
         assert r.finetune.method == "dora" and r.train.lr == 1e-5
         assert r.softmask.k == 1 or not r.softmask.enabled
+        assert r.finetune.official_grad_scaling and r.finetune.validation == "official"
         result = runner.invoke(app, ["finetune", f"recipes/{name}.toml", "--out", str(tmp_path / name)])
         assert result.exit_code == 2 and "Dream-org/" in result.stderr, result.output
         assert not (tmp_path / name).exists()
@@ -209,3 +211,42 @@ def test_finetuned_run_samples_and_evaluates(tmp_path, base, data):
     assert bad.exit_code == 2 and "cache = 'disk', expected one of none, prefix, dual" in bad.stderr
     bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "-o", "threshold"])
     assert bad.exit_code == 2 and "--option threshold: expected KEY=VALUE" in bad.stderr
+
+
+def test_official_grad_scaling_and_validation_share():
+    """finetune.official_grad_scaling sums the micro-batch losses (the official Trainer's
+    effective scaling); finetune.validation = official soft-masks a seeded p_sm share of the
+    validation batches, the same ones in every validation."""
+    model = random_dream(0)
+    cfg = TrainConfig(batch_size=4, micro_batch_size=1)
+    layout = batch_layout(cfg, 1)
+    mean = objectives.build("sft", cfg, layout, Dist(), model)
+    summed = objectives.build("sft", cfg, layout, Dist(), model, {"sum_micro_batches": True})
+    assert mean.keep_mask  # a Dream model keeps its [MASK] column in the loss
+    x0 = torch.randint(0, 90, (1, 16))
+    xt = x0.masked_fill(torch.arange(16) % 3 == 0, model.mask_id)
+    n = objectives.Noised(x0, xt, torch.tensor(0.5))
+    logits = model(input_ids=xt)
+    torch.testing.assert_close(summed.loss(logits, n), 4 * mean.loss(logits, n))
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sm = []
+
+        def forward(self, xt, use_sm, attention_mask=None):
+            self.sm.append(use_sm)
+            return model(input_ids=xt, attention_mask=attention_mask)
+
+    ids = torch.randint(0, 90, (1, 16))
+    batches = [sft.SFTBatch(ids, torch.arange(16)[None] >= 4, None)] * 40
+    share = objectives.build("sft", cfg, layout, Dist(), model, {"validation_sm_share": 0.5})
+    runs = []
+    for _ in range(2):
+        counting = Counting()
+        objectives.validate(counting, share, batches, True, 7, "fp32")
+        runs.append(counting.sm)
+    assert runs[0] == runs[1] and 10 <= sum(runs[0]) <= 30
+    counting = Counting()
+    objectives.validate(counting, mean, batches, True, 7, "fp32")
+    assert all(counting.sm)  # the default: every batch soft-masked

@@ -102,9 +102,12 @@ def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, merge
         console.print(f"run saved in [bold]{run_dir}[/bold] (adapter/, softmask.json"
                       f"{', merged model.safetensors' if merge else ''})")
 
+    f = recipe.finetune
+    official = {"sum_micro_batches": f.official_grad_scaling,
+                "validation_sm_share": recipe.softmask.prob if f.validation == "official" else 1.0}
     return train(recipe, recipe_path, out, resume, "finetune",
                  lambda run_dir, resume, ctx: _setup(recipe, run_dir, resume, ctx),
-                 objective="sft", publish=publish, finish=finish)
+                 objective="sft", publish=publish, finish=finish, objective_options=official)
 
 
 def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):

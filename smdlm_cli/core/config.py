@@ -119,6 +119,12 @@ class FinetuneConfig:
                                      "as the paper; false = pads never attended nor masked")
     pad_jitter: int = opt(50, "extra padding of 0..N-1 tokens per batch (then to a multiple of 8), "
                               "as the paper's collator", lo=0)
+    official_grad_scaling: bool = opt(False, "sum the micro-batch losses instead of averaging "
+                                             "them, as the official HF Trainer effectively did "
+                                             "(its clip then bites accumulation-times earlier)")
+    validation: str = opt("sm", "sm: every validation batch soft-masked (SM runs); official: a "
+                                "seeded softmask.prob share of them, as the official trainer",
+                          choices=("sm", "official"))
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "softmask": SoftMaskConfig,

@@ -124,9 +124,14 @@ class SFT:
     """The fine-tuning objective on SFTBatch (input_ids, attention_mask, maskable)."""
 
     def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int,
-                 keep_mask: bool = False):
+                 keep_mask: bool = False, sum_micro_batches: bool = False,
+                 validation_sm_share: float = 1.0):
         self.cfg, self.layout, self.ctx, self.mask_id = cfg, layout, ctx, mask_id
         self.keep_mask = keep_mask  # the backbone's mask_logit is "keep" (Dream)
+        # the official HF Trainer's effective scaling: micro-batch losses summed, not averaged
+        self.sum_micro_batches = sum_micro_batches
+        # share of the validation batches soft-masked (seeded per batch), 1 = all of them
+        self.validation_sm_share = validation_sm_share
 
     def begin_step(self, step: int) -> None:
         pass  # each micro-batch draws its own noise: their lengths differ
@@ -138,7 +143,8 @@ class SFT:
         return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
 
     def loss(self, logits: Tensor, n: Noised) -> Tensor:
-        return sft_loss(logits, n.x0, n.xt, n.t, self.mask_id, self.keep_mask)[0] / self.layout.accum
+        loss = sft_loss(logits, n.x0, n.xt, n.t, self.mask_id, self.keep_mask)[0]
+        return loss if self.sum_micro_batches else loss / self.layout.accum
 
     def validation_input(self, batch, i: int, n_batches: int, seed: int) -> Noised:
         cfg = self.cfg  # fixed times, evenly spread over [t_min, t_max]
@@ -155,13 +161,15 @@ class SFT:
 OBJECTIVES = {"elbo": Diffusion, "ar": Autoregressive, "sft": SFT}
 
 
-def build(name: str, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, backbone) -> Diffusion | SFT:
-    """The objective `name` for this backbone; "elbo" means the AR loss for a causal model."""
+def build(name: str, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, backbone,
+          options: dict | None = None) -> Diffusion | SFT:
+    """The objective `name` for this backbone; "elbo" means the AR loss for a causal model.
+    `options`: keyword arguments of the SFT objective (sum_micro_batches, validation_sm_share)."""
     if name == "elbo" and getattr(backbone.config, "causal", False):
         name = "ar"
     if name == "sft":
         return SFT(cfg, layout, ctx, backbone.mask_id, backbone.config.model_length,
-                   diffusion.keeps_mask(backbone))
+                   diffusion.keeps_mask(backbone), **(options or {}))
     return OBJECTIVES[name](cfg, layout, ctx, backbone.mask_id, backbone.config.model_length)
 
 
@@ -180,10 +188,15 @@ def validate(model: TwoPass, objective, batches: list, use_sm: bool, seed: int, 
     model.eval()
     try:
         total = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+        share = getattr(objective, "validation_sm_share", 1.0)
         for i, batch in enumerate(batches):
             n = objective.validation_input(batch.to(ctx.device), i, len(batches), seed)
+            # the official validation soft-masks a seeded share of the batches: batch i's coin
+            # is the same on every rank and in every validation of the run
+            coin = torch.rand((), generator=generator(torch.device("cpu"), seed, VALIDATION, i, 1))
+            sm_i = use_sm and (share >= 1.0 or coin.item() < share)
             with autocast(ctx.device, precision):
-                logits = model(n.xt, use_sm=use_sm, attention_mask=n.attention)
+                logits = model(n.xt, use_sm=sm_i, attention_mask=n.attention)
             total += objective.terms(logits, n)
             if on_batch is not None:
                 on_batch()

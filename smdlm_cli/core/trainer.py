@@ -72,7 +72,7 @@ class _Run:
     """The pieces of one fit: model, optimizer, EMA, objective, and how to save, validate, log."""
 
     def __init__(self, backbone, softmask, cfg, sm_cfg, loader, valid, run_dir, ctx, objective,
-                 on_step, publish):
+                 on_step, publish, objective_options=None):
         self.cfg, self.sm_cfg, self.ctx, self.run_dir = cfg, sm_cfg, ctx, Path(run_dir)
         self.loader, self.valid, self.on_step, self.publish = loader, valid, on_step, publish
         self.layout = batch_layout(cfg, ctx.world)
@@ -85,7 +85,8 @@ class _Run:
         self.trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
         self.ema = (EMA({k: p for k, p in backbone.named_parameters() if p.requires_grad}, cfg.ema)
                     if cfg.ema > 0 else None)
-        self.objective = objectives.build(objective, cfg, self.layout, ctx, backbone)
+        self.objective = objectives.build(objective, cfg, self.layout, ctx, backbone,
+                                          objective_options)
         self.n = Counters()
         self.ddp = self.model
 
@@ -206,7 +207,8 @@ class _Run:
 def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg: SoftMaskConfig,
         loader, valid_batches: list, run_dir: Path, ctx: Dist, resume: bool = False,
         on_step: Callable[[dict], None] | None = None, objective: str = "elbo",
-        publish: Callable[[nn.Module, Path], None] = save_model) -> TrainResult:
+        publish: Callable[[nn.Module, Path], None] = save_model,
+        objective_options: dict | None = None) -> TrainResult:
     """Train `backbone` (+ `softmask`) for cfg.steps optimizer steps, saving into `run_dir`.
 
     `loader` yields per-rank micro-batches and has state_dict / load_state_dict: (B, L) ids for the
@@ -214,10 +216,11 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
     (fine-tuning). `on_step` gets every metrics record (rank 0 only). Each save writes the
     resumable state (trainable parameters only, so a frozen 7B base is never copied), then
     `publish`es the weights (EMA ones if any) and softmask.json. Only parameters with
-    requires_grad are trained (a PEFT-wrapped backbone trains its adapters).
+    requires_grad are trained (a PEFT-wrapped backbone trains its adapters). `objective_options`
+    go to objectives.build (the SFT objective's official gradient scaling and validation).
     """
     run = _Run(backbone, softmask, cfg, sm_cfg, loader, valid_batches, run_dir, ctx, objective,
-               on_step, publish)
+               on_step, publish, objective_options)
     if ctx.main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
     if resume:

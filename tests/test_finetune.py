@@ -2,6 +2,7 @@
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -250,3 +251,23 @@ def test_official_grad_scaling_and_validation_share():
     counting = Counting()
     objectives.validate(counting, mean, batches, True, 7, "fp32")
     assert all(counting.sm)  # the default: every batch soft-masked
+
+
+def test_mix_and_dropped_token_ids(tmp_path, base, data):
+    """finetune.mix adds datasets to data.source (cut to max_docs in all after a shuffle);
+    finetune.drop_token_ids drops examples holding a listed id (the paper: tool-call tags)."""
+    tok = load_tokenizer(str(base))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"Say hello {i}.", "response": "Hello there, friend."})
+                             + "\n" for i in range(20)))
+    cfg = DataConfig(source=str(data), valid_fraction=0.01)
+    alone = sft.build(cfg, tok, 512, 1, "train")
+    extra = sft.build(DataConfig(source=str(other), valid_fraction=0.01), tok, 512, 1, "train")
+    mixed = sft.build(cfg, tok, 512, 1, "train", mix=[str(other)])
+    assert sorted(mixed) == sorted(alone + extra) and mixed != alone + extra  # all, shuffled
+    assert len(sft.build(replace(cfg, max_docs=7), tok, 512, 1, "train", mix=[str(other)])) == 7
+    ids, n_prompt = extra[0]
+    tag = ids[n_prompt]  # the first response token of every `other` example
+    kept = sft.build(cfg, tok, 512, 1, "train", mix=[str(other)], drop_ids=[tag])
+    assert all(tag not in row for row, _ in kept)
+    assert len(kept) == len([r for r, _ in mixed if tag not in r]) <= len(alone)

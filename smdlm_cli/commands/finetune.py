@@ -133,8 +133,10 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):
         # the decoding this run expects unless flags say otherwise (the paper's, for Dream)
         sampler_defaults.write(run_dir, sampler_defaults.for_model(model))
     f, t = recipe.finetune, recipe.train
-    train_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "train")
-    valid_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "valid")
+    train_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "train",
+                            f.mix, f.drop_token_ids)
+    valid_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "valid",
+                            f.mix, f.drop_token_ids)
     micro = batch_layout(t, ctx.world).micro
     pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
     loader = sft.SFTLoader(train_items, micro, t.seed, pad, f.pad_supervised, f.pad_jitter,

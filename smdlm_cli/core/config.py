@@ -119,6 +119,11 @@ class FinetuneConfig:
                                      "as the paper; false = pads never attended nor masked")
     pad_jitter: int = opt(50, "extra padding of 0..N-1 tokens per batch (then to a multiple of 8), "
                               "as the paper's collator", lo=0)
+    mix: list[str] = opt([], "more SFT datasets mixed with data.source, each 'name' or "
+                             "'name:subset' (read like data.source); the union is shuffled and cut "
+                             "to data.max_docs")
+    drop_token_ids: list[int] = opt([], "drop examples holding any of these token ids (the paper: "
+                                        "151657, 151658, Qwen's tool-call tags)")
     official_grad_scaling: bool = opt(False, "sum the micro-batch losses instead of averaging "
                                              "them, as the official HF Trainer effectively did "
                                              "(its clip then bites accumulation-times earlier)")

@@ -271,3 +271,22 @@ def test_mix_and_dropped_token_ids(tmp_path, base, data):
     kept = sft.build(cfg, tok, 512, 1, "train", mix=[str(other)], drop_ids=[tag])
     assert all(tag not in row for row, _ in kept)
     assert len(kept) == len([r for r, _ in mixed if tag not in r]) <= len(alone)
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_as_a_run(tmp_path, base, data):
+    from smdlm_cli.core import rundir
+
+    result = finetune(tmp_path / "run", base, data, "--set", "finetune.keep_best=true",
+                      "--set", "train.steps=6", "--set", "train.save_every=6")
+    assert result.exit_code == 0, result.output
+    run, best = tmp_path / "run", tmp_path / "run" / "best"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = {x["step"]: x["val_loss"] for x in lines if "val_loss" in x and x["step"] > 0}
+    best_step = min(losses, key=losses.get)
+    omega = {x["step"]: x["scale"] for x in lines if "scale" in x}
+    assert json.loads((best / "softmask.json").read_text())["scale"] == pytest.approx(omega[best_step])
+    a = load_tensors(best / "adapter" / "adapter_model.safetensors")
+    b = load_tensors(run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) == (best_step == max(losses)), losses
+    loaded = rundir.load(best)  # a run of its own: base.json, tokenizer/, sampler.json
+    assert loaded.softmask is not None and loaded.decoding["sampler"] == "confidence"

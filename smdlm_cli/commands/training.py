@@ -60,7 +60,7 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
           setup: Callable[[Path, bool, Dist], tuple], objective: str = "elbo",
           publish: Callable | None = None,
           finish: Callable[[Path, tuple, trainer.TrainResult], None] | None = None,
-          objective_options: dict | None = None) -> Path:
+          objective_options: dict | None = None, on_best: Callable | None = None) -> Path:
     """Check the run directory, write recipe.toml, set up, train with progress, summarise.
 
     A run that fails before its first step (offline, bad data) leaves nothing behind, so the same
@@ -84,7 +84,8 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         options = ({"objective": objective} | ({"publish": publish} if publish else {})
-                   | ({"objective_options": objective_options} if objective_options else {}))
+                   | ({"objective_options": objective_options} if objective_options else {})
+                   | ({"on_best": on_best} if on_best else {}))
         result = _fit_with_progress(recipe, inputs, run_dir, ctx, resume, command, options)
         if ctx.main:
             _summary(run_dir, result, *val_words(objective, inputs[0]))

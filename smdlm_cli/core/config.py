@@ -127,6 +127,8 @@ class FinetuneConfig:
     official_grad_scaling: bool = opt(False, "sum the micro-batch losses instead of averaging "
                                              "them, as the official HF Trainer effectively did "
                                              "(its clip then bites accumulation-times earlier)")
+    keep_best: bool = opt(False, "also keep the adapter and omega of the lowest validation loss "
+                                 "in RUN/best/, a loadable run (the official load_best_model_at_end)")
     validation: str = opt("sm", "sm: every validation batch soft-masked (SM runs); official: a "
                                 "seeded softmask.prob share of them, as the official trainer",
                           choices=("sm", "official"))

@@ -59,8 +59,9 @@ DECODING = {
         "--k", help="soft-masking top-k; default the checkpoint's; 0 decodes with binary "
                     "masks")], None),
     "sampler": (Annotated[Optional[str], typer.Option(
-        "--sampler", help="mdlm, remdm-cap, remdm-loop or confidence; default mdlm (ar for an AR "
-                          "run)")], None),
+        "--sampler", help="mdlm, remdm-cap, remdm-loop or confidence; default the run's "
+                          "sampler.json (a Dream run: confidence, the paper's options), else mdlm "
+                          "(ar for an AR run)")], None),
     "num_samples": (Annotated[int, typer.Option("--num-samples", help="samples to draw")], 4),
     "batch_size": (Annotated[int, typer.Option("--batch-size", help="rows decoded together")], 8),
     "length": (Annotated[Optional[int], typer.Option(

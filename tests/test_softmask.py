@@ -198,3 +198,15 @@ def test_half_point_of_the_curve_is_the_centre():
     assert sm.lam_from_entropy(torch.tensor(1.2)).item() == pytest.approx(0.4, rel=1e-5)
     assert math.isclose(sm.lam_from_entropy(torch.tensor(0.0)).item(),
                         0.8 / (1 + math.exp(-4.0 * 1.2)), rel_tol=1e-5)
+
+
+def test_fixed_values_survive_softmask_json(tmp_path):
+    # an official config's numbers, saved by smdlm (a sample's sidecar, a run) and read back
+    official = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.2734375,
+                "transparency_centre": -0.83984375, "transparency_steepness": 6.65625,
+                "mixinputs_k": 1, "mixture_temp": 1.0, "transparency_scheduling": "none"}
+    sm = SoftMask.from_dict(official)
+    back = SoftMask.from_dict(json.loads(json.dumps(sm.to_dict())))
+    assert sm.to_dict()["fixed"] and "raw" not in sm.to_dict()
+    assert (back.scale.item(), back.centre.item(), back.steepness.item()) == \
+        (0.2734375, -0.83984375, 6.65625)

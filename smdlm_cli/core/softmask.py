@@ -227,16 +227,19 @@ class SoftMask(nn.Module):
 
     # --- export / import ----------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """softmask.json: the values, the raw parameters (exact), and k."""
+        """softmask.json: the values, the raw parameters (exact), and k; values used as written
+        (an official config's) are marked fixed and carry no raw parameters."""
         temp = self.temperature
-        return {
+        out = {
             "k": self.k,
             "scale": self.scale.item(),
             "centre": self.centre.item(),
             "steepness": self.steepness.item(),
             "temperature": None if temp is None else temp.item(),
-            "raw": {name: p.item() for name, p in self.named_parameters()},
         }
+        if self.fixed is not None:
+            return {**out, "fixed": True}
+        return {**out, "raw": {name: p.item() for name, p in self.named_parameters()}}
 
     def to_official(self) -> dict:
         """transparency_config.json as the official code writes it (kwargs of its sampler): the
@@ -280,6 +283,10 @@ class SoftMask(nn.Module):
             raise UserError(f"{source}: missing key {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: bad value ({e})") from None
+        if d.get("fixed"):  # values read as written (an official config's), not parameters
+            temp = d.get("temperature")
+            sm.fix_values(float(d["scale"]), float(d["centre"]), float(d["steepness"]),
+                          None if temp is None else float(temp))
         raw = d.get("raw")
         if raw:  # exact raw values survive a save/load even where the bounded maps lose precision
             with torch.no_grad():

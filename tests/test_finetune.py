@@ -202,7 +202,7 @@ def test_finetuned_run_samples_and_evaluates(tmp_path, base, data):
     assert report.exit_code == 0, report.output
     generation = json.loads(report.stdout)["generation"]
     assert (generation["sampler"], generation["nfe"]) == ("confidence", 12)  # one step per token
-    assert generation["options"] == {"alg": "entropy", "temperature": 0.2, "top_p": 0.9}  # flag wins
+    assert generation["sampler_options"] == {"alg": "entropy", "temperature": 0.2, "top_p": 0.9}  # flag wins
     (tmp_path / "run" / "sampler.json").write_text('{"sampler": "confidence", "options": {"alg": "x"}}')
     bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run")])
     assert bad.exit_code == 2 and "sampler.json: sampler confidence: alg = 'x'" in bad.stderr

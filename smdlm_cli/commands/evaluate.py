@@ -89,7 +89,7 @@ def complete(s: sample.SampleSettings, run: rundir.Run, prompts: list[str], n: i
                    on_batch=on_batch, **kw)
     texts = [completion(run.tokenizer, gen, j) for j in range(len(jobs))]
     out = [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
-    info = {"run_dir": str(run.path), "sampler": kw["sampler"], "options": kw["options"],
+    info = {"run_dir": str(run.path), "sampler": kw["sampler"], "sampler_options": kw["options"],
             "nfe": kw["nfe"],
             "max_new_tokens": max_new, "prompts_cut": gen.prompts_cut // max(n, 1),
             "k": kw["softmask"].k if kw["softmask"] else 0, "model_length": run.model.config.model_length}

@@ -120,7 +120,8 @@ def generate(s: SampleSettings, trace: bool = False, run: rundir.Run | None = No
                for ids, p, seed, sec in zip(gen.tokens, prompts, gen.seeds, gen.row_seconds)]
     softmask = kw["softmask"]
     sidecar = {
-        "settings": {**asdict(s), "sampler": kw["sampler"], "options": kw["options"], "length": length,
+        "settings": {**asdict(s), "sampler": kw["sampler"], "length": length,
+                     "sampler_options": kw["options"],  # --option pairs with the run's defaults
                      "k": softmask.k if softmask else 0},
         "checkpoint": checkpoint_info(run.path),
         "softmask": softmask.to_dict() if softmask else None,

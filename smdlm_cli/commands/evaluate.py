@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from smdlm_cli.commands import sample
-from smdlm_cli.core import rundir
+from smdlm_cli.core import rundir, sampler_defaults
 from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.generate import completion, generate
@@ -82,8 +82,8 @@ def complete(s: sample.SampleSettings, run: rundir.Run, prompts: list[str], n: i
     A prompt longer than the model's length allows is cut from the left, as Dream's evaluation.
     Generation j of prompt i uses seed s.seed + i * n + j, whatever the batching.
     """
-    nfe = run.decoding.get("nfe", "tokens")  # the run's default steps: one per token, or fixed
-    kw = sample.decode_settings(replace(s, nfe=s.nfe or (max_new if nfe == "tokens" else nfe)), run)
+    steps = s.nfe or sampler_defaults.completion_steps(run.decoding, max_new)
+    kw = sample.decode_settings(replace(s, nfe=steps), run)
     jobs = [p for p in prompts for _ in range(n)]
     gen = generate(run.model, run.tokenizer, jobs, max_new_tokens=max_new, cut_prompts=True,
                    on_batch=on_batch, **kw)

@@ -5,7 +5,8 @@
 
 `smdlm finetune` writes it (the paper's Dream decoding: Dream's entropy-confidence sampler at
 temperature 0.1 and top-p 0.9, one step per generated token); `sample`, `evaluate` and the API
-read it, and every flag given on the command line wins over it. A Dream-layout model without the
+read it, and every flag given on the command line wins over it. The step rule applies to
+completions (`evaluate humaneval/mbpp`, the API with max_new_tokens); `sample` keeps its --nfe. A Dream-layout model without the
 file (a base checkpoint, an older run) gets the same paper defaults; an MDLM run gets none (the
 mdlm sampler, or ar for an AR run). "nfe": "tokens" means one step per generated token (code
 evaluation's NFE 1/1); an integer is a fixed step count.
@@ -28,6 +29,13 @@ FILE = "sampler.json"
 DREAM_PAPER = {"sampler": "confidence",
                "options": {"alg": "entropy", "temperature": 0.1, "top_p": 0.9},
                "nfe": "tokens"}
+
+
+def completion_steps(defaults: dict, max_new_tokens: int) -> int:
+    """Steps for completions of max_new_tokens when no --nfe is given: the run's "nfe" (default
+    "tokens", one step per generated token, the code evaluation's NFE 1/1)."""
+    nfe = defaults.get("nfe", "tokens")
+    return max_new_tokens if nfe == "tokens" else nfe
 
 
 def for_model(model) -> dict:

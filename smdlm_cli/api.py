@@ -55,7 +55,7 @@ def finetune(recipe, *, out: str | Path | None = None, resume: bool = False, mer
 
 def load(run: str | Path | None = None, device: str = "auto") -> Run:
     """A run directory (default: the newest under ./runs) as a Run: .model (eval mode), .tokenizer,
-    .softmask (None for binary runs), .default_sampler."""
+    .softmask (None for binary runs), .decoding (sampler.json), .default_sampler."""
     from smdlm_cli.core import rundir
     from smdlm_cli.core.distributed import resolve_device
 
@@ -63,22 +63,28 @@ def load(run: str | Path | None = None, device: str = "auto") -> Run:
 
 
 def generate(run: Run | str | Path, prompts: Sequence[str] | None = None, *,
-             num_samples: int = 1, nfe: int = 128, k: int | None = None,
+             num_samples: int = 1, nfe: int | None = None, k: int | None = None,
              sampler: str | None = None, length: int | None = None,
              max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 8,
              top_p: float | None = None, temperature: float | None = None,
-             sm_schedule: str = "none", exact: bool = False, **options) -> list[str]:
+             sm_schedule: str = "none", exact: bool | None = None, **options) -> list[str]:
     """Decoded texts, one per prompt (or `num_samples` unconditional samples without prompts).
 
     With `max_new_tokens`, each text is the completion after its prompt, cut at the first EOS;
     otherwise rows run to `length` (default the model's) and each text is the whole row.
-    `k`: None keeps the run's SoftMask, 0 decodes binary. Further sampler options (block_length,
-    cache, threshold, alg, ...) as keywords. Text i is drawn from seed + i.
+    `nfe` None: one step per generated token for completions (or the run's sampler.json), 128
+    for whole rows. `k`: None keeps the run's SoftMask, 0 decodes binary. `sampler` None and
+    options not given take the run's sampler.json (a Dream run: the paper's decoding); `exact`
+    None the model's default. Further sampler options (block_length, cache, threshold, alg, ...)
+    as keywords. Text i is drawn from seed + i.
     """
     from smdlm_cli.commands.sample import SampleSettings, decode_settings
     from smdlm_cli.core.generate import completion, generate as decode
+    from smdlm_cli.core.sampler_defaults import completion_steps
 
     run = run if isinstance(run, Run) else load(run)
+    if nfe is None:
+        nfe = 128 if max_new_tokens is None else completion_steps(run.decoding, max_new_tokens)
     settings = SampleSettings(nfe=nfe, k=k, sampler=sampler, num_samples=num_samples,
                               batch_size=batch_size, top_p=top_p, temperature=temperature,
                               seed=seed, sm_schedule=sm_schedule, exact=exact, options=options)

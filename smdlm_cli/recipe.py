@@ -42,18 +42,20 @@ _PATH_SUFFIXES = (".txt", ".jsonl", ".parquet", ".json", ".safetensors")
 
 # What each value type is called in messages ("expected an integer") and in the docs ("integer").
 _NOUNS = {int: ("an", "integer"), float: ("a", "number"), bool: ("a", "boolean"),
-          str: ("a", "string"), list: ("a", "list of numbers"), (list, str): ("a", "list of strings")}
+          str: ("a", "string"), list: ("a", "list of numbers"), (list, str): ("a", "list of strings"),
+          (list, int): ("a", "list of integers")}
 
 
 class _Field(typing.NamedTuple):
     kind: type                   # int, float, bool, str or list
     meta: typing.Mapping[str, Any]
     default: Any
-    item: type = float           # what a list holds: numbers (float) or strings (str)
+    item: type = float           # what a list holds: numbers (float), integers (int) or strings (str)
 
     @property
     def noun(self) -> tuple[str, str]:
-        return _NOUNS[(list, str)] if self.kind is list and self.item is str else _NOUNS[self.kind]
+        return _NOUNS[(list, self.item)] if self.kind is list and self.item in (str, int) \
+            else _NOUNS[self.kind]
 
 
 @functools.cache
@@ -229,6 +231,8 @@ def _convert(kind: type, value: Any, item: type = float) -> Any:
         return None
     if item is str:
         return value if all(isinstance(v, str) for v in value) else None
+    if item is int:
+        return value if all(_convert(int, v) is not None for v in value) else None
     numbers = [_number(v) for v in value]
     return None if any(v is None for v in numbers) else numbers
 

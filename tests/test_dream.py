@@ -129,3 +129,32 @@ def test_broken_checkpoints_are_one_line_errors(tmp_path):
         load_model(str(path))
     with pytest.raises(UserError, match="weights 'Dream-org/Dream-v0-Base-7B': not found locally and the hub is unreachable"):
         load_model("Dream-org/Dream-v0-Base-7B")
+
+
+def test_mask_logit_setting_is_kept_in_config_and_checked(tmp_path):
+    model = random_dream()
+    assert model.mask_logit == "keep" and model.forward_every_step  # the official Dream code's
+    save_model(random_dream(mask_logit="drop"), tmp_path / "drop")
+    assert json.loads((tmp_path / "drop" / "config.json").read_text())["mask_logit"] == "drop"
+    assert load_model(str(tmp_path / "drop")).mask_logit == "drop"
+    with pytest.raises(UserError, match="mask_logit = 'subs', expected one of drop, keep"):
+        random_dream(mask_logit="subs")
+
+
+@pytest.mark.parametrize("sampler,kw", [("confidence", {"alg": "entropy", "temperature": 0.0}),
+                                        ("confidence", {"alg": "maskgit_plus", "temperature": 1.0}),
+                                        ("mdlm", {})])
+def test_a_kept_mask_column_is_never_decoded_to(sampler, kw):
+    """[MASK] the best logit everywhere: it weighs in every confidence, but no position is ever
+    committed to it, nor left masked by noise removal."""
+    from smdlm_cli.core.samplers import decode
+    from smdlm_cli.core.softmask import SoftMask
+
+    model = random_dream()
+    model.lm_head.register_forward_hook(
+        lambda m, i, out: out.index_add(-1, torch.tensor([model.mask_id]),
+                                        out.amax(-1, keepdim=True) + 3.0))
+    x = torch.cat([torch.randint(0, 90, (2, 4)), torch.full((2, 12), model.mask_id)], 1)
+    for sm in (None, SoftMask(k=3, scale=0.5)):
+        out = decode(model, x, sampler=sampler, steps=6, softmask=sm, generator_seeds=[0, 1], **kw)
+        assert not (out.tokens == model.mask_id).any()

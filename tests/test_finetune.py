@@ -4,16 +4,18 @@ import json
 import os
 import random
 from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from dream_fixtures import write_chat_base
+from dream_fixtures import random_dream, write_chat_base
 from smdlm_cli.cli.app import app
 from smdlm_cli.core import objectives, sft
-from smdlm_cli.core.config import DataConfig
+from smdlm_cli.core.config import DataConfig, TrainConfig
+from smdlm_cli.core.distributed import Dist, batch_layout
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import load_tensors
 from smdlm_cli.core.models import load_model
@@ -164,6 +166,7 @@ def test_offline_dream_recipes_fail_fast(tmp_path):
         r = load_recipe(f"recipes/{name}.toml")
         assert r.finetune.method == "dora" and r.train.lr == 1e-5
         assert r.softmask.k == 1 or not r.softmask.enabled
+        assert r.finetune.official_grad_scaling and r.finetune.validation == "official"
         result = runner.invoke(app, ["finetune", f"recipes/{name}.toml", "--out", str(tmp_path / name)])
         assert result.exit_code == 2 and "Dream-org/" in result.stderr, result.output
         assert not (tmp_path / name).exists()
@@ -191,6 +194,21 @@ def test_finetuned_run_samples_and_evaluates(tmp_path, base, data):
     assert chat.exit_code == 0, chat.output
     row = json.loads((tmp_path / "c.jsonl").read_text())
     assert row["prompt"].endswith("<|im_start|>user\nAdd 2 and 1.<|im_end|>\n<|im_start|>assistant\n")
+    # the run records the paper's Dream decoding, and evaluate uses it when no flag is given
+    assert json.loads((tmp_path / "run" / "sampler.json").read_text()) == {
+        "sampler": "confidence", "options": {"alg": "entropy", "temperature": 0.1, "top_p": 0.9},
+        "nfe": "tokens"}
+    report = runner.invoke(app, ["evaluate", "humaneval", "--ckpt", str(tmp_path / "run"), "--format",
+                                 "instruct", "--limit", "1", "--max-new-tokens", "12", "--json",
+                                 "--temperature", "0.2", "--out", str(tmp_path / "he2.json")])
+    assert report.exit_code == 0, report.output
+    generation = json.loads(report.stdout)["generation"]
+    assert (generation["sampler"], generation["nfe"]) == ("confidence", 12)  # one step per token
+    assert generation["sampler_options"] == {"alg": "entropy", "temperature": 0.2, "top_p": 0.9}  # flag wins
+    (tmp_path / "run" / "sampler.json").write_text('{"sampler": "confidence", "options": {"alg": "x"}}')
+    bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run")])
+    assert bad.exit_code == 2 and "sampler.json: sampler confidence: alg = 'x'" in bad.stderr
+    (tmp_path / "run" / "sampler.json").unlink()  # a Dream run without one: the same paper defaults
     bad = runner.invoke(app, ["sample", "--ckpt", str(tmp_path / "run"), "--sampler", "confidence",
                               "-o", "cache=disk"])
     assert bad.exit_code == 2 and "cache = 'disk', expected one of none, prefix, dual" in bad.stderr
@@ -258,3 +276,79 @@ def test_source_segment_equals_the_standard_library_one():
                 assert sft.source_segment(lines, node) == ast.get_source_segment(source, node)
                 checked += 1
     assert checked > 500
+def test_official_grad_scaling_and_validation_share():
+    """finetune.official_grad_scaling sums the micro-batch losses (the official Trainer's
+    effective scaling); finetune.validation = official soft-masks a seeded p_sm share of the
+    validation batches, the same ones in every validation."""
+    model = random_dream(0)
+    cfg = TrainConfig(batch_size=4, micro_batch_size=1)
+    layout = batch_layout(cfg, 1)
+    mean = objectives.build("sft", cfg, layout, Dist(), model)
+    summed = objectives.build("sft", cfg, layout, Dist(), model, {"sum_micro_batches": True})
+    assert mean.keep_mask  # a Dream model keeps its [MASK] column in the loss
+    x0 = torch.randint(0, 90, (1, 16))
+    xt = x0.masked_fill(torch.arange(16) % 3 == 0, model.mask_id)
+    n = objectives.Noised(x0, xt, torch.tensor(0.5))
+    logits = model(input_ids=xt)
+    torch.testing.assert_close(summed.loss(logits, n), 4 * mean.loss(logits, n))
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sm = []
+
+        def forward(self, xt, use_sm, attention_mask=None):
+            self.sm.append(use_sm)
+            return model(input_ids=xt, attention_mask=attention_mask)
+
+    ids = torch.randint(0, 90, (1, 16))
+    batches = [sft.SFTBatch(ids, torch.arange(16)[None] >= 4, None)] * 40
+    share = objectives.build("sft", cfg, layout, Dist(), model, {"validation_sm_share": 0.5})
+    runs = []
+    for _ in range(2):
+        counting = Counting()
+        objectives.validate(counting, share, batches, True, 7, "fp32")
+        runs.append(counting.sm)
+    assert runs[0] == runs[1] and 10 <= sum(runs[0]) <= 30
+    counting = Counting()
+    objectives.validate(counting, mean, batches, True, 7, "fp32")
+    assert all(counting.sm)  # the default: every batch soft-masked
+
+
+def test_mix_and_dropped_token_ids(tmp_path, base, data):
+    """finetune.mix adds datasets to data.source (cut to max_docs in all after a shuffle);
+    finetune.drop_token_ids drops examples holding a listed id (the paper: tool-call tags)."""
+    tok = load_tokenizer(str(base))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"Say hello {i}.", "response": "Hello there, friend."})
+                             + "\n" for i in range(20)))
+    cfg = DataConfig(source=str(data), valid_fraction=0.01)
+    alone = sft.build(cfg, tok, 512, 1, "train")
+    extra = sft.build(DataConfig(source=str(other), valid_fraction=0.01), tok, 512, 1, "train")
+    mixed = sft.build(cfg, tok, 512, 1, "train", mix=[str(other)])
+    assert sorted(mixed) == sorted(alone + extra) and mixed != alone + extra  # all, shuffled
+    assert len(sft.build(replace(cfg, max_docs=7), tok, 512, 1, "train", mix=[str(other)])) == 7
+    ids, n_prompt = extra[0]
+    tag = ids[n_prompt]  # the first response token of every `other` example
+    kept = sft.build(cfg, tok, 512, 1, "train", mix=[str(other)], drop_ids=[tag])
+    assert all(tag not in row for row, _ in kept)
+    assert len(kept) == len([r for r, _ in mixed if tag not in r]) <= len(alone)
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_as_a_run(tmp_path, base, data):
+    from smdlm_cli.core import rundir
+
+    result = finetune(tmp_path / "run", base, data, "--set", "finetune.keep_best=true",
+                      "--set", "train.steps=6", "--set", "train.save_every=6")
+    assert result.exit_code == 0, result.output
+    run, best = tmp_path / "run", tmp_path / "run" / "best"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = {x["step"]: x["val_loss"] for x in lines if "val_loss" in x and x["step"] > 0}
+    best_step = min(losses, key=losses.get)
+    omega = {x["step"]: x["scale"] for x in lines if "scale" in x}
+    assert json.loads((best / "softmask.json").read_text())["scale"] == pytest.approx(omega[best_step])
+    a = load_tensors(best / "adapter" / "adapter_model.safetensors")
+    b = load_tensors(run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) == (best_step == max(losses)), losses
+    loaded = rundir.load(best)  # a run of its own: base.json, tokenizer/, sampler.json
+    assert loaded.softmask is not None and loaded.decoding["sampler"] == "confidence"

@@ -200,6 +200,10 @@ def dream_sampled(result, cwd):
     assert len(rows) == 4 and all(1 <= r["nfe"] <= 64 for r in rows)
     sidecar = json.loads(out.with_name(out.stem + ".meta.json").read_text())
     assert sidecar["settings"]["options"] == {"block_length": 32, "cache": "dual", "threshold": 0.9}
+    # the run's sampler.json (the paper's Dream decoding) fills what the flags leave open
+    assert sidecar["settings"]["sampler_options"] == {"alg": "entropy", "temperature": 0.1,
+                                                      "top_p": 0.9, "block_length": 32,
+                                                      "cache": "dual", "threshold": 0.9}
 
 
 def dream_evaluated(result, cwd):

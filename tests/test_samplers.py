@@ -98,8 +98,9 @@ def test_no_mask_left_prompt_kept_and_nfe_accounting(sampler, kw, softmask):
     for state in out.trace["tokens"]:                              # the prompt, at every step
         assert torch.equal(state[prompt], x[prompt])
     assert torch.equal(out.tokens[prompt], x[prompt])
-    removal = out.trace["noise_removal"]
-    assert out.nfe == out.steps - out.skipped + int(removal)
+    removal, settle = out.trace["noise_removal"], out.trace["settle"]
+    assert out.nfe == out.steps - out.skipped + int(removal) + int(settle)
+    assert not settle or (softmask is not None and removal)
     assert out.skipped == out.trace["forward"].count(False)
     if sampler == "confidence":
         assert not removal
@@ -171,6 +172,7 @@ def test_mdlm_skips_steps_without_changes():
     x = torch.full((1, 8), MASK)
     out = run("mdlm", {}, x, 64, trace=True)
     assert out.skipped > 0 and out.nfe == 64 - out.skipped + int(out.trace["noise_removal"])
+    assert not out.trace["settle"]  # binary decoding: no settling forward
     for ran, unmasked in zip(out.trace["forward"], out.trace["unmasked"]):
         assert ran == (unmasked[0] > 0)
 
@@ -244,7 +246,8 @@ def test_batch_row_equals_row_decoded_alone(sampler, kw, softmask):
 
 def _forward_steps(out):
     steps = [i for i, ran in enumerate(out.trace["forward"]) if ran]
-    return steps + ([len(out.trace["forward"])] if out.trace["noise_removal"] else [])
+    end = len(out.trace["forward"])
+    return steps + [end] * (int(out.trace["settle"]) + int(out.trace["noise_removal"]))
 
 
 @pytest.mark.parametrize("sampler,kw", ALL, ids=IDS)
@@ -263,10 +266,11 @@ def test_seeds_reproduce_and_matter(sampler, kw):
 def test_softmask_scale_zero_is_binary_bit_for_bit(sampler, kw, exact):
     x, am = prompt_batch()
     binary = run(sampler, kw, x, 12, attention_mask=am)
-    zero = run(sampler, kw, x, 12, attention_mask=am, softmask=sm(scale=0.0), exact=exact)
+    zero = run(sampler, kw, x, 12, attention_mask=am, softmask=sm(scale=0.0), exact=exact,
+               trace=True)
     assert torch.equal(binary.tokens, zero.tokens)
-    if not exact:
-        assert zero.nfe == binary.nfe
+    if not exact:  # SM's only extra forward: the settling one before noise removal
+        assert zero.nfe == binary.nfe + int(zero.trace["settle"])
 
 
 def test_softmask_changes_the_samples():
@@ -282,7 +286,7 @@ def test_sm_input_is_plain_embedding_off_mask_and_lambda_stats(sampler, kw):
                  attention_mask=am, trace=True, **kw)
     states = out.trace["tokens"]
     forward_steps = [i for i, ran in enumerate(out.trace["forward"]) if ran]
-    forward_steps += [len(states) - 1] if out.trace["noise_removal"] else []
+    forward_steps += [len(states) - 1] * (int(out.trace["settle"]) + int(out.trace["noise_removal"]))
     assert len(model.calls) == out.nfe == len(forward_steps)
     assert model.calls[0][0] is not None                           # the first forward: no feedback
     weight = model.embedding_weight()

@@ -13,20 +13,25 @@ from smdlm_cli.core.softmask import SoftMask
 B, L, V, D, MASK = 3, 7, 50, 16, 49
 
 
-def dense_reference(ids, logits, weight, k, scale, centre, steep, temp=1.0):
+def dense_reference(ids, logits, weight, k, scale, centre, steep, temp=1.0, keep_mask=False):
     """x = (1-lam) onehot(mask) + lam * topk-renormalised p, then x @ W: the paper, dense.
 
-    p is the SUBS distribution: the [MASK] logit is removed before the softmax.
+    p is the SUBS distribution: the [MASK] logit is removed before the softmax (unless keep_mask).
+    k = None mixes the whole tempered p (the official mixinputs_with_temp).
     """
     logits = logits.double().clone()
-    logits[..., MASK] = float("-inf")
+    if not keep_mask:
+        logits[..., MASK] = float("-inf")
     p = torch.softmax(logits / temp, -1)
     neg_h = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1)
     lam = scale * torch.sigmoid(steep * (neg_h - centre))
     is_mask = ids == MASK
     lam = torch.where(is_mask, lam, torch.zeros_like(lam))
-    top = p.topk(k, -1)
-    q = torch.zeros_like(p).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    if k is None:
+        q = p
+    else:
+        top = p.topk(k, -1)
+        q = torch.zeros_like(p).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
     onehot = torch.nn.functional.one_hot(ids, V).double()
     x = (1 - lam[..., None]) * onehot + lam[..., None] * q
     return x @ weight.double(), lam
@@ -46,14 +51,37 @@ def test_forward_equals_dense_formula(k):
     torch.testing.assert_close(sm.feedback(logits, ids == MASK, mask_id=MASK)[0].double(), lam_want, rtol=1e-5, atol=1e-6)
 
 
-def test_temperature_variant_equals_dense_formula():
+@pytest.mark.parametrize("keep_mask", [False, True])
+def test_temperature_variant_mixes_the_whole_tempered_distribution(keep_mask):
+    # the official mixinputs_with_temp: all V tokens, whatever k; masked rows only get it
     g = torch.Generator().manual_seed(0)
-    ids = torch.full((B, L), MASK)
+    ids = torch.randint(0, V - 1, (B, L), generator=g)
+    ids[torch.rand(B, L, generator=g) < 0.6] = MASK
     logits = torch.randn(B, L, V, generator=g)
+    logits[..., MASK] += 2.0  # a [MASK] column with real mass
     weight = torch.randn(V, D, generator=g)
     sm = SoftMask(k=2, scale=0.5, centre=-2.0, steepness=3.0, temperature=0.5)
-    want, _ = dense_reference(ids, logits, weight, 2, 0.5, -2.0, 3.0, temp=0.5)
-    torch.testing.assert_close(sm(ids, logits, weight, MASK).double(), want, rtol=1e-5, atol=1e-5)
+    want, _ = dense_reference(ids, logits, weight, None, 0.5, -2.0, 3.0, temp=0.5, keep_mask=keep_mask)
+    got = sm(ids, logits, weight, MASK, keep_mask=keep_mask)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()  # the temperature learns through p, as the official head's does
+    assert sm.raw_temperature.grad is not None and sm.raw_temperature.grad.abs() > 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_keep_mask_leaves_the_mask_column_in_entropy_and_top_k(k):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, V - 1, (B, L), generator=g)
+    ids[torch.rand(B, L, generator=g) < 0.6] = MASK
+    logits = torch.randn(B, L, V, generator=g) * 2
+    logits[..., MASK] += 4.0  # often in the top k
+    weight = torch.randn(V, D, generator=g)
+    sm = SoftMask(k=k, scale=0.6, centre=-1.0, steepness=4.0)
+    want, _ = dense_reference(ids, logits, weight, k, 0.6, -1.0, 4.0, keep_mask=True)
+    torch.testing.assert_close(sm(ids, logits, weight, MASK, keep_mask=True).double(), want,
+                               rtol=1e-5, atol=1e-5)
+    drop, _ = dense_reference(ids, logits, weight, k, 0.6, -1.0, 4.0)
+    assert (want - drop).abs().max() > 1e-2  # the setting matters on such a head
 
 
 def test_lambda_bounds_and_zero_off_mask():
@@ -117,7 +145,8 @@ def test_invalid_values_are_user_errors():
 def test_json_roundtrip_and_official_format(tmp_path):
     sm = SoftMask(k=1, scale=0.25, centre=-1.0, steepness=5.0)
     with torch.no_grad():
-        sm.raw_scale.add_(0.123)
+        for p in sm.parameters():
+            p.add_(0.123)
     save_softmask(tmp_path, sm)
     back = load_softmask(tmp_path)
     assert back.k == 1
@@ -126,7 +155,11 @@ def test_json_roundtrip_and_official_format(tmp_path):
     official = json.loads((tmp_path / "transparency_config.json").read_text())
     assert official["transparency_alg"] == "mixinputs_with_topk"
     assert official["mixinputs_k"] == 1
-    assert official["transparency_scale"] == pytest.approx(sm.scale.item())
+    # bfloat16, as the official get_th_kwargs exports, and it says so
+    assert official["precision"] == "bfloat16"
+    for key, value in (("transparency_scale", sm.scale), ("transparency_centre", sm.centre),
+                       ("transparency_steepness", sm.steepness)):
+        assert official[key] == value.detach().to(torch.bfloat16).item() != value.item()
 
 
 def test_reads_an_official_transparency_config(tmp_path):
@@ -138,9 +171,18 @@ def test_reads_an_official_transparency_config(tmp_path):
     path.write_text(json.dumps(cfg))
     sm = load_softmask(path)
     assert (sm.k, sm.temperature) == (1, None)
-    assert sm.scale.item() == pytest.approx(0.25, rel=1e-5)
-    assert sm.centre.item() == pytest.approx(-1.0, rel=1e-5)
-    assert sm.steepness.item() == pytest.approx(5.0, rel=1e-5)
+    # the numbers as written, bit for bit: the official sampler decodes with exactly these
+    assert (sm.scale.item(), sm.centre.item(), sm.steepness.item()) == (0.25, -1.0, 5.0)
+    bf16 = {**cfg, "transparency_alg": "mixinputs_with_temp", "transparency_scale": 0.2734375,
+            "transparency_centre": -0.83984375, "transparency_steepness": 6.65625,
+            "mixture_temp": 0.98828125}
+    path.write_text(json.dumps(bf16))
+    sm = load_softmask(path)
+    assert (sm.scale.item(), sm.centre.item(), sm.steepness.item(), sm.temperature.item()) == \
+        (0.2734375, -0.83984375, 6.65625, 0.98828125)
+    h = torch.linspace(0, 4, 9)
+    want = 0.2734375 * torch.sigmoid(6.65625 * (-h - -0.83984375))
+    assert torch.equal(sm.lam_from_entropy(h), want)
     path.write_text(json.dumps({"transparency_alg": "none"}))
     assert load_softmask(path) is None
     path.write_text("{not json")
@@ -156,3 +198,15 @@ def test_half_point_of_the_curve_is_the_centre():
     assert sm.lam_from_entropy(torch.tensor(1.2)).item() == pytest.approx(0.4, rel=1e-5)
     assert math.isclose(sm.lam_from_entropy(torch.tensor(0.0)).item(),
                         0.8 / (1 + math.exp(-4.0 * 1.2)), rel_tol=1e-5)
+
+
+def test_fixed_values_survive_softmask_json(tmp_path):
+    # an official config's numbers, saved by smdlm (a sample's sidecar, a run) and read back
+    official = {"transparency_alg": "mixinputs_with_topk", "transparency_scale": 0.2734375,
+                "transparency_centre": -0.83984375, "transparency_steepness": 6.65625,
+                "mixinputs_k": 1, "mixture_temp": 1.0, "transparency_scheduling": "none"}
+    sm = SoftMask.from_dict(official)
+    back = SoftMask.from_dict(json.loads(json.dumps(sm.to_dict())))
+    assert sm.to_dict()["fixed"] and "raw" not in sm.to_dict()
+    assert (back.scale.item(), back.centre.item(), back.steepness.item()) == \
+        (0.2734375, -0.83984375, 6.65625)

@@ -59,8 +59,9 @@ DECODING = {
         "--k", help="soft-masking top-k; default the checkpoint's; 0 decodes with binary "
                     "masks")], None),
     "sampler": (Annotated[Optional[str], typer.Option(
-        "--sampler", help="mdlm, remdm-cap, remdm-loop or confidence; default mdlm (ar for an AR "
-                          "run)")], None),
+        "--sampler", help="mdlm, remdm-cap, remdm-loop or confidence; default the run's "
+                          "sampler.json (a Dream run: confidence, the paper's options), else mdlm "
+                          "(ar for an AR run)")], None),
     "num_samples": (Annotated[int, typer.Option("--num-samples", help="samples to draw")], 4),
     "batch_size": (Annotated[int, typer.Option("--batch-size", help="rows decoded together")], 8),
     "length": (Annotated[Optional[int], typer.Option(
@@ -75,8 +76,10 @@ DECODING = {
     "seed": (Seed, 0),
     "sm_schedule": (Annotated[str, typer.Option("--sm-schedule", help="none, linear or "
                                                 "stepwise")], "none"),
-    "exact": (Annotated[bool, typer.Option("--exact", help="a forward at every step (no reuse of "
-                                           "a step that changed nothing)")], False),
+    "exact": (Annotated[Optional[bool], typer.Option(
+        "--exact/--no-exact", help="a forward at every step, also at one that changes nothing (SM "
+        "feedback keeps refining); default: the model's (Dream yes, as its own loop; MDLM no)")],
+        None),
     "device": (Device, "auto"),
     "ckpt": (Ckpt, None),
 }

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from smdlm_cli.commands import sample
-from smdlm_cli.core import rundir, validate
+from smdlm_cli.core import rundir, sampler_defaults, validate
 from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.generate import completion, generate
@@ -107,13 +107,15 @@ def complete(s: sample.SampleSettings, run: rundir.Run, prompts: list[str], n: i
     A prompt longer than the model's length allows is cut from the left, as Dream's evaluation.
     Generation j of prompt i uses seed s.seed + i * n + j, whatever the batching.
     """
-    kw = sample.decode_settings(replace(s, nfe=s.nfe or max_new), run)
+    steps = s.nfe or sampler_defaults.completion_steps(run.decoding, max_new)
+    kw = sample.decode_settings(replace(s, nfe=steps), run)
     jobs = [p for p in prompts for _ in range(n)]
     gen = generate(run.model, run.tokenizer, jobs, max_new_tokens=max_new, cut_prompts=True,
                    on_batch=on_batch, **kw)
     texts = [completion(run.tokenizer, gen, j) for j in range(len(jobs))]
     out = [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
-    info = {"run_dir": str(run.path), "sampler": kw["sampler"], "nfe": kw["nfe"],
+    info = {"run_dir": str(run.path), "sampler": kw["sampler"], "sampler_options": kw["options"],
+            "nfe": kw["nfe"],
             "max_new_tokens": max_new, "prompts_cut": gen.prompts_cut // max(n, 1),
             "k": kw["softmask"].k if kw["softmask"] else 0, "model_length": run.model.config.model_length}
     return out, info

@@ -8,8 +8,11 @@ at their own learning rate. The
 loop is pretrain's (core/trainer.py) with the fine-tuning objective: chat-formatted examples,
 prompt never masked, one t per batch in [t_min, t_max], (1/t)-weighted loss.
 A run directory holds adapter/ (adapter_config.json, adapter_model.safetensors), base.json (where
-the base model is), softmask.json + transparency_config.json, tokenizer/, recipe.toml,
-metrics.jsonl and state/; `--merge` adds the merged model (config.json + model.safetensors).
+the base model is), softmask.json + transparency_config.json, sampler.json (the paper's decoding,
+what sample and evaluate default to), tokenizer/, recipe.toml, metrics.jsonl and state/; with
+finetune.keep_best also best/, a loadable run holding the adapter and omega of the lowest
+validation loss (the official load_best_model_at_end); `--merge` adds the merged model
+(config.json + model.safetensors).
 `smdlm sample` / `evaluate` load such a run by merging the adapter into the base.
 """
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from smdlm_cli.commands.training import console, train
-from smdlm_cli.core import checkpoint, sft
+from smdlm_cli.core import checkpoint, sampler_defaults, sft
 from smdlm_cli.core.config import Recipe
 from smdlm_cli.core.distributed import Dist, barrier, batch_layout, validation_batch
 from smdlm_cli.core.errors import UserError
@@ -33,6 +36,8 @@ from smdlm_cli.core.softmask import SoftMask
 from smdlm_cli.core.tiny_dream import TINY_DREAM, build_tiny_dream
 from smdlm_cli.core.tiny_llada import TINY_LLADA, build_tiny_llada
 from smdlm_cli.core.tokenizer import load_tokenizer
+
+BEST = "best"  # the subdirectory holding the lowest-validation-loss adapter (finetune.keep_best)
 
 
 def _base(recipe: Recipe, run_dir: Path, main: bool) -> str:
@@ -112,9 +117,23 @@ def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, merge
         console.print(f"next: smdlm sample --ckpt {run_dir} --chat --prompt '...' · smdlm evaluate "
                       f"humaneval --ckpt {run_dir} --format instruct")
 
-    return train(recipe, recipe_path, out, resume, "finetune",
-                 lambda run_dir, resume, ctx: _setup(recipe, run_dir, resume, ctx),
-                 objective="sft", publish=publish, finish=finish)
+    f = recipe.finetune
+    official = {"sum_micro_batches": f.official_grad_scaling,
+                "validation_sm_share": recipe.softmask.prob if f.validation == "official" else 1.0}
+    best_dir: list[Path] = []  # RUN/best, known once the run directory is
+
+    def setup(run_dir: Path, resume: bool, ctx: Dist):
+        best_dir[:] = [run_dir / BEST]
+        return _setup(recipe, run_dir, resume, ctx)
+
+    def on_best(backbone, softmask) -> None:
+        publish(backbone, best_dir[0])
+        if softmask is not None:
+            checkpoint.save_softmask(best_dir[0], softmask)
+
+    return train(recipe, recipe_path, out, resume, "finetune", setup, objective="sft",
+                 publish=publish, finish=finish, objective_options=official,
+                 on_best=on_best if f.keep_best else None)
 
 
 def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):
@@ -135,11 +154,19 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):
         if resume:
             softmask = checkpoint.load_softmask(run_dir) or softmask
     if ctx.main:
-        tok.save_pretrained(run_dir / "tokenizer")
-        atomic_write_json(run_dir / "base.json", {"path": _portable(base, run_dir)})
+        # RUN/best (finetune.keep_best) is a run of its own: the trainer fills its adapter/ and
+        # softmask.json at every new lowest validation loss
+        for d in [run_dir] + ([run_dir / BEST] if recipe.finetune.keep_best else []):
+            d.mkdir(exist_ok=True)
+            tok.save_pretrained(d / "tokenizer")
+            atomic_write_json(d / "base.json", {"path": _portable(base, d)})
+            # the decoding this run expects unless flags say otherwise (the paper's, for Dream)
+            sampler_defaults.write(d, sampler_defaults.for_model(model))
     f, t = recipe.finetune, recipe.train
-    train_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "train")
-    valid_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "valid")
+    train_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "train",
+                            f.mix, f.drop_token_ids)
+    valid_items = sft.build(recipe.data, tok, f.max_length, f.min_response_tokens, "valid",
+                            f.mix, f.drop_token_ids)
     micro = batch_layout(t, ctx.world).micro
     pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
     loader = sft.SFTLoader(train_items, micro, t.seed, pad, f.pad_supervised, f.pad_jitter,

@@ -38,7 +38,7 @@ class SampleSettings:
     ckpt: str | None = None
     nfe: int = 128
     k: int | None = None            # None: the checkpoint's SoftMask; 0: binary decoding
-    sampler: str | None = None      # None: mdlm, or ar for an AR (causal) run
+    sampler: str | None = None      # None: the run's sampler.json, else mdlm (ar for an AR run)
     num_samples: int = 4
     batch_size: int = 8
     length: int | None = None       # None: the model's training length
@@ -47,7 +47,7 @@ class SampleSettings:
     temperature: float | None = None
     seed: int = 0
     sm_schedule: str = "none"
-    exact: bool = False
+    exact: bool | None = None       # None: the model's default (Dream: a forward every step)
     device: str = "auto"
     out: str | None = None
     options: dict = field(default_factory=dict)  # further sampler options (--option KEY=VALUE)
@@ -107,10 +107,13 @@ def decode_settings(s: SampleSettings, run: rundir.Run) -> dict:
         if value < 1:
             raise UserError(f"{flag} {value}: expected an integer >= 1")
     sampler = s.sampler or run.default_sampler
-    validate_sampler_args(sampler, steps=s.nfe, **sampler_options(s))
+    # the run's recorded options (sampler.json) apply to its own sampler; flags win over them
+    recorded = run.decoding.get("options", {}) if sampler == run.decoding.get("sampler") else {}
+    options = {**recorded, **sampler_options(s)}
+    validate_sampler_args(sampler, steps=s.nfe, **options)
     return dict(sampler=sampler, nfe=s.nfe, softmask=choose_softmask(run.softmask, s.k),
                 seed=s.seed, batch_size=s.batch_size, sm_schedule=s.sm_schedule, exact=s.exact,
-                options=sampler_options(s))
+                options=options)
 
 
 def generate(s: SampleSettings, trace: bool = False, run: rundir.Run | None = None,
@@ -137,6 +140,7 @@ def generate(s: SampleSettings, trace: bool = False, run: rundir.Run | None = No
                 for ids, start in zip(gen.tokens, gen.start))
     sidecar = {
         "settings": {**asdict(s), "sampler": kw["sampler"], "length": length,
+                     "sampler_options": kw["options"],  # --option pairs with the run's defaults
                      "k": softmask.k if softmask else 0},
         "checkpoint": checkpoint_info(run.path),
         "softmask": softmask.to_dict() if softmask else None,

@@ -51,7 +51,8 @@ def check_resume_recipe(run_dir: Path, recipe: Recipe) -> None:
 def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, command: str,
           setup: Callable[[Path, bool, Dist], tuple], objective: str = "elbo",
           publish: Callable | None = None,
-          finish: Callable[[Path, tuple, trainer.TrainResult], None] | None = None) -> Path:
+          finish: Callable[[Path, tuple, trainer.TrainResult], None] | None = None,
+          objective_options: dict | None = None, on_best: Callable | None = None) -> Path:
     """Check the run directory, write recipe.toml, set up, train with progress, summarise.
 
     A run that fails before its first step (offline, bad data) leaves nothing behind, so the same
@@ -82,7 +83,9 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
             if fresh and ctx.main:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        options = {"objective": objective} | ({"publish": publish} if publish else {})
+        options = ({"objective": objective} | ({"publish": publish} if publish else {})
+                   | ({"objective_options": objective_options} if objective_options else {})
+                   | ({"on_best": on_best} if on_best else {}))
         try:
             result = _fit_with_progress(recipe, inputs, run_dir, ctx, resume, command, options)
         except KeyboardInterrupt:

@@ -121,6 +121,19 @@ class FinetuneConfig:
                                      "as the paper; false = pads never attended nor masked")
     pad_jitter: int = opt(50, "extra padding of 0..N-1 tokens per batch (then to a multiple of 8), "
                               "as the paper's collator", lo=0)
+    mix: list[str] = opt([], "more SFT datasets mixed with data.source, each 'name' or "
+                             "'name:subset' (read like data.source); the union is shuffled and cut "
+                             "to data.max_docs")
+    drop_token_ids: list[int] = opt([], "drop examples holding any of these token ids (the paper: "
+                                        "151657, 151658, Qwen's tool-call tags)")
+    official_grad_scaling: bool = opt(False, "sum the micro-batch losses instead of averaging "
+                                             "them, as the official HF Trainer effectively did "
+                                             "(its clip then bites accumulation-times earlier)")
+    keep_best: bool = opt(False, "also keep the adapter and omega of the lowest validation loss "
+                                 "in RUN/best/, a loadable run (the official load_best_model_at_end)")
+    validation: str = opt("sm", "sm: every validation batch soft-masked (SM runs); official: a "
+                                "seeded softmask.prob share of them, as the official trainer",
+                          choices=("sm", "official"))
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "softmask": SoftMaskConfig,

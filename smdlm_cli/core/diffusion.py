@@ -5,6 +5,11 @@ a token is masked at time t with probability 1 - alpha_t, and the continuous-tim
 -alpha'_t / (1 - alpha_t) is exactly 1/t. The SUBS parameterisation never predicts [MASK] and carries
 unmasked tokens over, so only masked positions contribute to the loss.
 
+The [MASK] column is a model-level setting, `model.mask_logit` (MASK_LOGIT): "drop" is SUBS, the
+MDLM DiT's; "keep" leaves the model's [MASK] logit in every softmax, as the official Dream code
+does (its fine-tuning loss is a full-vocabulary cross-entropy, its SM entropy, top-k and sampler
+candidates see the [MASK] column). Both carry unmasked tokens over.
+
 Not here: models, soft-masking, samplers (which use `subs_log_probs`), the training loop.
 """
 
@@ -16,6 +21,20 @@ from torch import Tensor
 
 EPS = 1e-3
 NEG_INF = -1e6  # the official code's "minus infinity": finite, so 0 * logp stays 0 in entropies
+MASK_LOGIT = ("drop", "keep")
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """fp32 for half-precision logits, float64 kept (tests compare rules in float64, where
+    float32 roundoff cannot decide a near-tie between two confidences)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def keeps_mask(model) -> bool:
+    """Whether `model` keeps its [MASK] logit in the softmax (Dream layout) or drops it (SUBS).
+
+    Read through wrappers (peft forwards unknown attributes to the base model)."""
+    return getattr(model, "mask_logit", "drop") == "keep"
 
 
 def alpha(t: Tensor) -> Tensor:
@@ -66,16 +85,18 @@ def _without_mask(logits: Tensor, mask_id: int) -> Tensor:
     built from [mask_id]: that would be a host-to-device copy, a sync on every sampling step.
     """
     column = torch.arange(logits.shape[-1], device=logits.device) == mask_id
-    return logits.float().masked_fill(column, NEG_INF)
+    return at_least_fp32(logits).masked_fill(column, NEG_INF)
 
 
-def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
-    """SUBS: log p_theta(x_0 | x_t) in fp32 with [MASK] never predicted and unmasked tokens carried over.
+def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int, keep_mask: bool = False) -> Tensor:
+    """SUBS: log p_theta(x_0 | x_t) in fp32 (float64 kept) with [MASK] never predicted and unmasked tokens carried over.
 
-    For decoding (no autograd): the carry-over is written in place into the log-softmax output, so
-    a step allocates two (B, L, V) tensors rather than four.
+    keep_mask=True leaves the [MASK] column in the softmax (mask_logit "keep"); the carry-over is
+    the same. For decoding (no autograd): the carry-over is written in place into the log-softmax
+    output, so a step allocates two (B, L, V) tensors rather than four.
     """
-    logp = torch.log_softmax(_without_mask(logits, mask_id), dim=-1)
+    logp = torch.log_softmax(at_least_fp32(logits) if keep_mask else _without_mask(logits, mask_id),
+                             dim=-1)
     keep = (xt != mask_id).unsqueeze(-1)
     logp.masked_fill_(keep, NEG_INF)
     index = xt.unsqueeze(-1)
@@ -83,12 +104,14 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_id: int) -> Tensor:
     return logp.scatter_(-1, index, torch.where(keep, 0.0, logp.gather(-1, index)))
 
 
-def masked_nll(logits: Tensor, x0: Tensor, xt: Tensor, mask_id: int) -> Tensor:
+def masked_nll(logits: Tensor, x0: Tensor, xt: Tensor, mask_id: int,
+               keep_mask: bool = False) -> Tensor:
     """-log p_theta(x_0 | x_t) per position (B, L) in fp32; 0 at unmasked positions (SUBS carry-over).
 
-    The [MASK] logit is excluded from the softmax, as SUBS does.
+    The [MASK] logit is excluded from the softmax, as SUBS does, unless keep_mask (the official
+    Dream fine-tuning's full-vocabulary cross-entropy).
     """
-    logits = _without_mask(logits, mask_id)
+    logits = at_least_fp32(logits) if keep_mask else _without_mask(logits, mask_id)
     labels = torch.where(xt == mask_id, x0, torch.full_like(x0, -100))
     nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
     return nll.view_as(x0)

@@ -75,7 +75,7 @@ def _encode(tok, prompts: list[str], bos: list[int], model_length: int, length: 
 def generate(model, tok, prompts: list[str], *, sampler: str, nfe: int,
              softmask: SoftMask | None = None, length: int | None = None,
              max_new_tokens: int | None = None, seed: int = 0, batch_size: int = 8,
-             cut_prompts: bool = False, sm_schedule: str = "none", exact: bool = False,
+             cut_prompts: bool = False, sm_schedule: str = "none", exact: bool | None = None,
              options: dict | None = None, trace: bool = False,
              on_batch: Callable[[int], None] | None = None) -> Generation:
     """Decode one row per entry of `prompts` (repeat a prompt to draw several samples of it).

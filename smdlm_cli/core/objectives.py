@@ -124,17 +124,26 @@ def sft_noised(batch, t: Tensor, mask_id: int, g: torch.Generator) -> Tensor:
     return torch.where(forced, torch.full_like(x0, mask_id), xt)
 
 
-def sft_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
-    """(loss, summed nll): (1/t) times the mean CE over the batch's masked tokens, as the paper."""
-    nll = diffusion.masked_nll(logits, x0, xt, mask_id).sum()
+def sft_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int,
+             keep_mask: bool = False) -> tuple[Tensor, Tensor]:
+    """(loss, summed nll): (1/t) times the mean CE over the batch's masked tokens, as the paper;
+    a full-vocabulary CE with keep_mask (the official Dream fine-tuning's HF loss)."""
+    nll = diffusion.masked_nll(logits, x0, xt, mask_id, keep_mask).sum()
     return nll / (xt == mask_id).sum().clamp_min(1) / t, nll
 
 
 class SFT:
     """The fine-tuning objective on SFTBatch (input_ids, attention_mask, maskable)."""
 
-    def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int):
+    def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int,
+                 keep_mask: bool = False, sum_micro_batches: bool = False,
+                 validation_sm_share: float = 1.0):
         self.cfg, self.layout, self.ctx, self.mask_id = cfg, layout, ctx, mask_id
+        self.keep_mask = keep_mask  # the backbone's mask_logit is "keep" (Dream)
+        # the official HF Trainer's effective scaling: micro-batch losses summed, not averaged
+        self.sum_micro_batches = sum_micro_batches
+        # share of the validation batches soft-masked (seeded per batch), 1 = all of them
+        self.validation_sm_share = validation_sm_share
 
     def begin_step(self, step: int) -> None:
         pass  # each micro-batch draws its own noise: their lengths differ
@@ -146,7 +155,8 @@ class SFT:
         return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
 
     def loss(self, logits: Tensor, n: Noised) -> Tensor:
-        return sft_loss(logits, n.x0, n.xt, n.t, self.mask_id)[0] / self.layout.accum
+        loss = sft_loss(logits, n.x0, n.xt, n.t, self.mask_id, self.keep_mask)[0]
+        return loss if self.sum_micro_batches else loss / self.layout.accum
 
     def validation_input(self, batch, i: int, n_batches: int, seed: int) -> Noised:
         cfg = self.cfg  # fixed times, evenly spread over [t_min, t_max]
@@ -156,17 +166,22 @@ class SFT:
         return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
 
     def terms(self, logits: Tensor, n: Noised) -> Tensor:
-        nll = diffusion.masked_nll(logits, n.x0, n.xt, self.mask_id).sum()
+        nll = diffusion.masked_nll(logits, n.x0, n.xt, self.mask_id, self.keep_mask).sum()
         return torch.stack([nll.double(), (n.xt == self.mask_id).sum().double()])
 
 
 OBJECTIVES = {"elbo": Diffusion, "ar": Autoregressive, "sft": SFT}
 
 
-def build(name: str, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, backbone) -> Diffusion | SFT:
-    """The objective `name` for this backbone; "elbo" means the AR loss for a causal model."""
+def build(name: str, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, backbone,
+          options: dict | None = None) -> Diffusion | SFT:
+    """The objective `name` for this backbone; "elbo" means the AR loss for a causal model.
+    `options`: keyword arguments of the SFT objective (sum_micro_batches, validation_sm_share)."""
     if name == "elbo" and getattr(backbone.config, "causal", False):
         name = "ar"
+    if name == "sft":
+        return SFT(cfg, layout, ctx, backbone.mask_id, backbone.config.model_length,
+                   diffusion.keeps_mask(backbone), **(options or {}))
     return OBJECTIVES[name](cfg, layout, ctx, backbone.mask_id, backbone.config.model_length)
 
 
@@ -186,13 +201,18 @@ def validate(model: TwoPass, objective, batches: list, use_sm: bool, seed: int, 
     per_batch = torch.zeros(len(batches), 2, dtype=torch.float64, device=ctx.device)
     times = []
     try:
+        share = getattr(objective, "validation_sm_share", 1.0)
         for i, batch in enumerate(batches):
             n = objective.validation_input(batch.to(ctx.device), i, len(batches), seed)
             times.append(n.t)
             n = n.shard(ctx.rank, ctx.world)
+            # the official validation soft-masks a seeded share of the batches: batch i's coin
+            # is the same on every rank and in every validation of the run
+            coin = torch.rand((), generator=generator(torch.device("cpu"), seed, VALIDATION, i, 1))
+            sm_i = use_sm and (share >= 1.0 or coin.item() < share)
             if n.x0.shape[0]:  # a short last batch may leave a rank without rows
                 with autocast(ctx.device, precision):
-                    logits = model(n.xt, use_sm=use_sm, attention_mask=n.attention)
+                    logits = model(n.xt, use_sm=sm_i, attention_mask=n.attention)
                 per_batch[i] = objective.terms(logits, n)
             if on_batch is not None:
                 on_batch()

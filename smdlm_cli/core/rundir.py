@@ -1,4 +1,5 @@
-"""Reading a run directory: find it, and load what decoding needs (model, tokenizer, SoftMask).
+"""Reading a run directory: find it, and load what decoding needs (model, tokenizer, SoftMask, and
+the sampler defaults of sampler_defaults.py).
 
 A run is what `smdlm pretrain` or `finetune` writes (or any MDLM / Dream model directory with a
 tokenizer). `load` returns a `Run` that sample, evaluate, sweep, inspect-lambda, the lm-eval
@@ -9,12 +10,12 @@ Not here: writing runs (checkpoint.py, trainer.py), the recipe (smdlm_cli/recipe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from smdlm_cli.core import checkpoint
+from smdlm_cli.core import checkpoint, sampler_defaults
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.models import load_model
 from smdlm_cli.core.softmask import SoftMask
@@ -27,9 +28,12 @@ class Run:
     model: torch.nn.Module
     tokenizer: object
     softmask: SoftMask | None
+    decoding: dict = field(default_factory=dict)  # sampler.json, or the model's built-in defaults
 
     @property
     def default_sampler(self) -> str:
+        if self.decoding:
+            return self.decoding["sampler"]
         return "ar" if getattr(self.model.config, "causal", False) else "mdlm"
 
 
@@ -60,4 +64,4 @@ def load(run_dir: str | Path, device: torch.device | str = "cpu") -> Run:
     softmask = checkpoint.load_softmask(run_dir)
     if softmask is not None:
         softmask.check_vocabulary(model.vocab_size, str(run_dir))
-    return Run(run_dir, model, tok, softmask)
+    return Run(run_dir, model, tok, softmask, sampler_defaults.read(run_dir, model))

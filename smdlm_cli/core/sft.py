@@ -7,8 +7,9 @@ standard library that have a docstring (prompt: the signature and the docstring'
 response: the function in a ```python block).
 Tokenisation as the SM paper's preprocessing: the chat template over the whole conversation gives
 the ids; the template over the prompt turns with the generation prompt gives the prompt length.
-Examples longer than `max_length` or with fewer than `min_response_tokens` response tokens are
-dropped. A batch is right-padded with EOS to its longest example plus a random 0..pad_jitter-1
+Examples longer than `max_length`, with fewer than `min_response_tokens` response tokens, or
+holding a token of `finetune.drop_token_ids` are dropped; `finetune.mix` adds more datasets (the
+paper's Dream-7B run: tulu-3-sft-mixture with smoltalk). A batch is right-padded with EOS to its longest example plus a random 0..pad_jitter-1
 tokens, rounded up to a multiple of 8, as the paper's collator (so the model learns to end
 answers with EOS); `maskable` marks the response (and the padding when it is supervised).
 
@@ -22,8 +23,8 @@ import io
 import itertools
 import json
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -141,15 +142,28 @@ def _ids(out) -> list[int]:
     return list(out["input_ids"] if not isinstance(out, list) else out)
 
 
-def build(cfg: DataConfig, tok, max_length: int, min_response: int, split: str) -> list[tuple[list[int], int]]:
+def build(cfg: DataConfig, tok, max_length: int, min_response: int, split: str,
+          mix: Sequence[str] = (), drop_ids: Sequence[int] = ()) -> list[tuple[list[int], int]]:
+    """(ids, prompt length) of the split's examples that fit, from data.source and the `mix`
+    datasets ("name" or "name:subset", read like data.source); an example holding any of
+    `drop_ids` is dropped (the paper drops Qwen's tool-call tags 151657/151658). A mix is shuffled
+    (seed 0) and cut to data.max_docs examples in all, as the paper's preprocessing."""
     if not getattr(tok, "chat_template", None):
         raise UserError("fine-tuning needs a tokenizer with a chat template; the base model's "
                         "tokenizer has none")
+    sources = [cfg] + [replace(cfg, source=name, subset=subset)
+                       for name, _, subset in (m.partition(":") for m in mix)]
+    drop = set(drop_ids)
     out = []
-    for prompt, response in examples(cfg, split):
-        ids, n_prompt = tokenize(tok, prompt, response)
-        if len(ids) <= max_length and len(ids) - n_prompt >= min_response:
-            out.append((ids, n_prompt))
+    for source in sources:
+        for prompt, response in examples(source, split):
+            ids, n_prompt = tokenize(tok, prompt, response)
+            if len(ids) <= max_length and len(ids) - n_prompt >= min_response \
+                    and not drop.intersection(ids):
+                out.append((ids, n_prompt))
+    if mix:
+        random.Random(0).shuffle(out)
+        out = out[:cfg.max_docs or None]
     if not out:
         raise UserError(f"data.source = {cfg.source!r}: no {split} example fits "
                         f"finetune.max_length = {max_length} with >= {min_response} response tokens")

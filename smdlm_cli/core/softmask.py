@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smdlm_cli.core.diffusion import NEG_INF
+from smdlm_cli.core.diffusion import NEG_INF, at_least_fp32
 from smdlm_cli.core.errors import UserError
 
 _EPS = 1e-6  # the official code's margin that keeps centre < 0 and steepness, temperature > 0
+_ENT_EPS = 1e-10  # inside the entropy's log, as the official heads
 OFFICIAL_ALGS = ("mixinputs_with_topk", "mixinputs_with_temp")
 # Keys of softmask.json and of the official file that hold numbers (so does every raw value).
 _NUMERIC_KEYS = frozenset({"k", "scale", "centre", "steepness", "temperature", "mixinputs_k",
@@ -104,42 +105,54 @@ class SoftMask(nn.Module):
         self.raw_steepness = nn.Parameter(torch.tensor(_softplus_inv(max(steepness - _EPS, 1e-12)), **f32))
         self.raw_temperature = (nn.Parameter(torch.tensor(_softplus_inv(temperature - _EPS), **f32))
                                 if temperature is not None else None)
+        # (scale, centre, steepness, temperature or nan) when the values were read as numbers (an
+        # official transparency_config.json): used exactly as written, not through the bounded
+        # maps, whose float32 round trip moves them by an ulp. None: the parameters decide.
+        self.register_buffer("fixed", None, persistent=False)
+
+    def fix_values(self, scale: float, centre: float, steepness: float,
+                   temperature: float | None) -> None:
+        """Use these numbers as the omega values (inference with an official config)."""
+        self.fixed = torch.tensor([scale, centre, steepness,
+                                   math.nan if temperature is None else temperature],
+                                  dtype=torch.float32, device=self.raw_scale.device)
 
     # --- the bounded values -------------------------------------------------------------------
     @property
     def scale(self) -> Tensor:
-        return torch.sigmoid(self.raw_scale)
+        return torch.sigmoid(self.raw_scale) if self.fixed is None else self.fixed[0]
 
     @property
     def centre(self) -> Tensor:
-        return -F.softplus(self.raw_centre) - _EPS
+        return -F.softplus(self.raw_centre) - _EPS if self.fixed is None else self.fixed[1]
 
     @property
     def steepness(self) -> Tensor:
-        return F.softplus(self.raw_steepness) + _EPS
+        return F.softplus(self.raw_steepness) + _EPS if self.fixed is None else self.fixed[2]
 
     @property
     def temperature(self) -> Tensor | None:
         if self.raw_temperature is None:
             return None
-        return F.softplus(self.raw_temperature) + _EPS
+        return F.softplus(self.raw_temperature) + _EPS if self.fixed is None else self.fixed[3]
 
     # --- lambda and the top-k mixture ---------------------------------------------------------
     def _log_probs_and_entropy(self, logits: Tensor, normalized: bool = False,
                                mask_id: int | None = None) -> tuple[Tensor, Tensor]:
         # Logits are constants here (the paper's second pass sees the first as data), in fp32.
         # mask_id: raw logits whose [MASK] column is dropped (SUBS never predicts the mask).
-        z = logits.detach().float()
+        # H = -sum p log(p + 1e-10), the official heads' formula to the last bit (the 1e-10 moves
+        # H by up to V * 1e-10, 1.5e-5 at Dream's vocabulary).
+        z = at_least_fp32(logits.detach())
         if mask_id is not None and not normalized:
             z = z.masked_fill(torch.arange(z.shape[-1], device=z.device) == mask_id, NEG_INF)
-        if normalized and self.raw_temperature is None:
-            # Already log-probabilities (a sampler's SUBS output): no log_softmax, and p log p
-            # multiplied into p's own buffer instead of a second (.., V) temporary.
-            return z, -z.exp().mul_(z).sum(-1)
-        if self.raw_temperature is not None:
-            z = z / self.temperature
-        logp = torch.log_softmax(z, dim=-1)
-        return logp, -(logp.exp() * logp).sum(-1)
+        if not (normalized and self.raw_temperature is None):
+            # normalized input (a sampler's log p) skips this unless a temperature reshapes it
+            if self.raw_temperature is not None:
+                z = z / self.temperature
+            z = torch.log_softmax(z, dim=-1)
+        p = z.exp()
+        return z, -(p * torch.log(p + _ENT_EPS)).sum(-1)
 
     def lam_from_entropy(self, entropy: Tensor) -> Tensor:
         """lambda(H) = scale * sigmoid(steepness * (-H - centre)), elementwise."""
@@ -162,6 +175,35 @@ class SoftMask(nn.Module):
         pi = torch.softmax(top_logp, dim=-1)  # = p_i / sum_{top-k} p_j
         return lam, top_idx, pi
 
+    @property
+    def dense(self) -> bool:
+        """The temperature variant mixes the whole tempered distribution (all V tokens), as the
+        official `mixinputs_with_temp`; the plain one the renormalised top k."""
+        return self.raw_temperature is not None
+
+    def mixture(self, logits: Tensor, weight: Tensor, normalized: bool = False,
+                mask_id: int | None = None) -> tuple[Tensor, Tensor]:
+        """(lambda (N,), mixed (N, D)) for logit rows (N, V) of masked positions only.
+
+        mixed = sum_i pi_i E[v_i] over the top k, or with the temperature variant sum_v p_v E[v]
+        over the whole vocabulary: one (N, V) @ (V, D) product, exact, but only at the N masks
+        (never the official dense (B, L, V) one). Arguments as in `feedback`.
+        """
+        logp, entropy = self._log_probs_and_entropy(logits, normalized, mask_id)
+        lam = self.lam_from_entropy(entropy)
+        if self.dense:
+            return lam, logp.exp().to(weight.dtype) @ weight
+        top_logp, top_idx = _top_k_blocked(logp, self.k)
+        pi = torch.softmax(top_logp, dim=-1)
+        return lam, torch.einsum("...k,...kd->...d", pi.to(weight.dtype), F.embedding(top_idx, weight))
+
+    @staticmethod
+    def combine(input_ids: Tensor, lam: Tensor, mixed: Tensor, embedding_weight: Tensor) -> Tensor:
+        """(1 - lam) E[x] + lam * mixed: E[x] exactly wherever lam is 0; the embedding's dtype."""
+        w = embedding_weight
+        lam = lam.to(w.dtype).unsqueeze(-1)
+        return (1 - lam) * F.embedding(input_ids, w) + lam * mixed.to(w.dtype)
+
     @staticmethod
     def mix(input_ids: Tensor, lam: Tensor, top_idx: Tensor, pi: Tensor,
             embedding_weight: Tensor) -> Tensor:
@@ -170,20 +212,29 @@ class SoftMask(nn.Module):
         Gathers k + 1 rows per position. The result has the embedding's dtype.
         """
         w = embedding_weight
-        base = F.embedding(input_ids, w)                                  # (B, L, D)
         mixed = torch.einsum("blk,blkd->bld", pi.to(w.dtype), F.embedding(top_idx, w))
-        lam = lam.to(w.dtype).unsqueeze(-1)
-        return (1 - lam) * base + lam * mixed
+        return SoftMask.combine(input_ids, lam, mixed, w)
 
     def forward(self, input_ids: Tensor, prev_logits: Tensor, embedding_weight: Tensor,
-                mask_id: int, normalized: bool = False) -> Tensor:
+                mask_id: int, normalized: bool = False, keep_mask: bool = False) -> Tensor:
         """Input embeddings (B, L, D) for `input_ids`, soft-masked from `prev_logits` (B, L, V).
 
-        Raw logits have their [MASK] column dropped (the SUBS distribution); `normalized=True`
-        says prev_logits already are SUBS log-probabilities, as the samplers pass them.
+        Raw logits have their [MASK] column dropped (the SUBS distribution) unless keep_mask (a
+        model with mask_logit "keep", as Dream in the official code); `normalized=True` says
+        prev_logits already are log-probabilities, as the samplers pass them.
         """
-        lam, top_idx, pi = self.feedback(prev_logits, input_ids == mask_id, normalized, mask_id)
-        return self.mix(input_ids, lam, top_idx, pi, embedding_weight)
+        is_mask = input_ids == mask_id
+        drop = None if keep_mask else mask_id
+        if not self.dense:
+            lam, top_idx, pi = self.feedback(prev_logits, is_mask, normalized, drop)
+            return self.mix(input_ids, lam, top_idx, pi, embedding_weight)
+        # the whole-vocabulary mixture only at masked rows (a training step, not a sampling loop:
+        # boolean indexing is fine here)
+        lam, mixed = self.mixture(prev_logits[is_mask], embedding_weight, normalized, drop)
+        w = embedding_weight
+        base = F.embedding(input_ids, w)
+        soft = (1 - lam.to(w.dtype))[:, None] * base[is_mask] + lam.to(w.dtype)[:, None] * mixed
+        return base.masked_scatter(is_mask[..., None], soft)
 
     def check_vocabulary(self, vocab_size: int, where: str) -> None:
         """k must leave the top-k within the vocabulary (the [MASK] column is never mixed in)."""
@@ -193,28 +244,38 @@ class SoftMask(nn.Module):
 
     # --- export / import ----------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """softmask.json: the values, the raw parameters (exact), and k."""
+        """softmask.json: the values, the raw parameters (exact), and k; values used as written
+        (an official config's) are marked fixed and carry no raw parameters."""
         temp = self.temperature
-        return {
+        out = {
             "k": self.k,
             "scale": self.scale.item(),
             "centre": self.centre.item(),
             "steepness": self.steepness.item(),
             "temperature": None if temp is None else temp.item(),
-            "raw": {name: p.item() for name, p in self.named_parameters()},
         }
+        if self.fixed is not None:
+            return {**out, "fixed": True}
+        return {**out, "raw": {name: p.item() for name, p in self.named_parameters()}}
 
     def to_official(self) -> dict:
-        """transparency_config.json as the official code writes it (kwargs of its sampler)."""
+        """transparency_config.json as the official code writes it (kwargs of its sampler): the
+        values rounded to bfloat16, as its get_th_kwargs does, so the official sampler decodes with
+        exactly what it would have exported; `precision` says so (softmask.json keeps the exact
+        values). The official sampler ignores the extra key."""
         temp = self.temperature
+
+        def bf16(v: Tensor) -> float:
+            return v.detach().to(torch.bfloat16).item()
         return {
             "transparency_alg": "mixinputs_with_temp" if temp is not None else "mixinputs_with_topk",
-            "transparency_scale": self.scale.item(),
-            "transparency_steepness": self.steepness.item(),
-            "transparency_centre": self.centre.item(),
-            "mixture_temp": 1.0 if temp is None else temp.item(),
+            "transparency_scale": bf16(self.scale),
+            "transparency_steepness": bf16(self.steepness),
+            "transparency_centre": bf16(self.centre),
+            "mixture_temp": 1.0 if temp is None else bf16(temp),
             "mixinputs_k": self.k,
             "transparency_scheduling": "none",
+            "precision": "bfloat16",
         }
 
     @classmethod
@@ -240,15 +301,22 @@ class SoftMask(nn.Module):
                     raise UserError(f"{source}: transparency_alg = {alg!r} has no soft-masking; "
                                     f"expected one of {', '.join(OFFICIAL_ALGS)}")
                 temp = float(d.get("mixture_temp", 1.0)) if alg == "mixinputs_with_temp" else None
-                return cls(k=int(d.get("mixinputs_k", 1)), scale=float(d["transparency_scale"]),
-                           centre=float(d["transparency_centre"]),
-                           steepness=float(d["transparency_steepness"]), temperature=temp)
+                values = (float(d["transparency_scale"]), float(d["transparency_centre"]),
+                          float(d["transparency_steepness"]), temp)
+                sm = cls(k=int(d.get("mixinputs_k", 1)), scale=values[0], centre=values[1],
+                         steepness=values[2], temperature=temp)
+                sm.fix_values(*values)  # the official sampler's numbers, as written
+                return sm
             sm = cls(k=int(d["k"]), scale=float(d["scale"]), centre=float(d["centre"]),
                      steepness=float(d["steepness"]), temperature=d.get("temperature"))
         except KeyError as e:
             raise UserError(f"{source}: missing key {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: bad value ({e})") from None
+        if d.get("fixed"):  # values read as written (an official config's), not parameters
+            temp = d.get("temperature")
+            sm.fix_values(float(d["scale"]), float(d["centre"]), float(d["steepness"]),
+                          None if temp is None else float(temp))
         raw = d.get("raw")
         if raw:  # exact raw values survive a save/load even where the bounded maps lose precision
             with torch.no_grad():

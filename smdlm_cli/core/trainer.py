@@ -66,15 +66,17 @@ class Counters:
     first_val: dict | None = None
     last_val: dict | None = None
     last_eval: int = -1
+    best_val: float | None = None  # the lowest validation loss after step 0 (with on_best)
 
 
 class _Run:
     """The pieces of one fit: model, optimizer, EMA, objective, and how to save, validate, log."""
 
     def __init__(self, backbone, softmask, cfg, sm_cfg, loader, valid, run_dir, ctx, objective,
-                 on_step, publish):
+                 on_step, publish, objective_options=None, on_best=None):
         self.cfg, self.sm_cfg, self.ctx, self.run_dir = cfg, sm_cfg, ctx, Path(run_dir)
         self.loader, self.valid, self.on_step, self.publish = loader, valid, on_step, publish
+        self.on_best = on_best
         self.layout = batch_layout(cfg, ctx.world)
         self.use_sm_ever = softmask is not None and sm_cfg.prob > 0
         self.backbone, self.softmask = backbone, softmask
@@ -85,7 +87,8 @@ class _Run:
         self.trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
         self.ema = (EMA({k: p for k, p in backbone.named_parameters() if p.requires_grad}, cfg.ema)
                     if cfg.ema > 0 else None)
-        self.objective = objectives.build(objective, cfg, self.layout, ctx, backbone)
+        self.objective = objectives.build(objective, cfg, self.layout, ctx, backbone,
+                                          objective_options)
         self.n = Counters()
         self.ddp = self.model
 
@@ -120,7 +123,8 @@ class _Run:
             self.ema.shadow = {k: v.float() for k, v in st["ema"].items()}
             self.ema.updates = tr["ema_updates"]
         self.n = Counters(step=tr["step"], forwards=tr["forwards"], tokens=tr["tokens"],
-                          sm_steps=tr.get("sm_steps", 0), first_val=tr.get("first_val"))
+                          sm_steps=tr.get("sm_steps", 0), first_val=tr.get("first_val"),
+                          best_val=tr.get("best_val"))
         try:
             self.loader.load_state_dict(tr["loader"])
         except (KeyError, TypeError, ValueError) as e:
@@ -144,7 +148,8 @@ class _Run:
             weights = {k: v for k, v in self.model.state_dict().items() if k in self.trainable}
             state = {"forwards": n.forwards, "tokens": n.tokens, "sm_steps": n.sm_steps,
                      "loader": self.loader.state_dict(), "layout": self.layout.as_dict(),
-                     "ema_updates": self.ema.updates if self.ema else 0, "first_val": n.first_val}
+                     "ema_updates": self.ema.updates if self.ema else 0, "first_val": n.first_val,
+                     "best_val": n.best_val}
             # State, then the model, then the pointer: killed anywhere, the run resumes from its
             # newest complete state, and once a save has completed there is a model to sample.
             self.publish_state(checkpoint.save_state(self.run_dir, n.step, weights, self.opt,
@@ -166,6 +171,13 @@ class _Run:
         n.first_val = n.first_val or val
         n.last_val, n.last_eval = val, n.step
         self.emit({"step": n.step, "forwards": n.forwards, **val})
+        loss = val.get("val_loss", val["val_nll"])
+        if self.on_best is not None and n.step > 0 and (n.best_val is None or loss < n.best_val):
+            n.best_val = loss  # the official load_best_model_at_end: lowest eval loss wins
+            if self.ctx.main:
+                with ema_weights(self.backbone, self.ema):
+                    self.on_best(self.backbone, self.softmask if self.use_sm_ever else None)
+            barrier()
 
     def emit(self, record: dict) -> None:
         if self.ctx.main:
@@ -221,7 +233,9 @@ class _Run:
 def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg: SoftMaskConfig,
         loader, valid_batches: list, run_dir: Path, ctx: Dist, resume: bool = False,
         on_step: Callable[[dict], None] | None = None, objective: str = "elbo",
-        publish: Callable[[nn.Module, Path], None] = save_model) -> TrainResult:
+        publish: Callable[[nn.Module, Path], None] = save_model,
+        objective_options: dict | None = None,
+        on_best: Callable[[nn.Module, SoftMask | None], None] | None = None) -> TrainResult:
     """Train `backbone` (+ `softmask`) for cfg.steps optimizer steps, saving into `run_dir`.
 
     `loader` yields per-rank micro-batches and has state_dict / load_state_dict: (B, L) ids for the
@@ -229,10 +243,13 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
     (fine-tuning). `on_step` gets every metrics record (rank 0 only). Each save writes the
     resumable state (trainable parameters only, so a frozen 7B base is never copied), then
     `publish`es the weights (EMA ones if any) and softmask.json. Only parameters with
-    requires_grad are trained (a PEFT-wrapped backbone trains its adapters).
+    requires_grad are trained (a PEFT-wrapped backbone trains its adapters). `objective_options`
+    go to objectives.build (the SFT objective's official gradient scaling and validation).
+    `on_best(backbone, softmask)` runs on rank 0 (EMA weights in place) after every validation
+    past step 0 whose loss is the lowest so far (resumes remember it).
     """
     run = _Run(backbone, softmask, cfg, sm_cfg, loader, valid_batches, run_dir, ctx, objective,
-               on_step, publish)
+               on_step, publish, objective_options, on_best)
     if ctx.main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
     if resume:

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from smdlm_cli.core.diffusion import keeps_mask
 from smdlm_cli.core.softmask import SoftMask
 
 
@@ -27,10 +28,12 @@ class TwoPass(nn.Module):
         if not use_sm:  # binary MDLM, or the AR baseline (xt is then x0)
             return self.backbone(input_ids=xt, attention_mask=attention_mask)
         # SoftMask drops the [MASK] column itself, which gives the SUBS distribution the official
-        # code feeds back at every masked position (the only ones soft-masked).
+        # MDLM code feeds back at every masked position (the only ones soft-masked); a model with
+        # mask_logit "keep" (Dream) keeps it, as the official Dream fine-tuning does.
         with torch.no_grad():
             prev = self.backbone(input_ids=xt, attention_mask=attention_mask)
-        embeds = self.softmask(xt, prev, self.backbone.embedding_weight(), self.backbone.mask_id)
+        embeds = self.softmask(xt, prev, self.backbone.embedding_weight(), self.backbone.mask_id,
+                               keep_mask=keeps_mask(self.backbone))
         return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask)
 
 

@@ -123,7 +123,8 @@ class TimestepEmbedder(nn.Module):
         half = FREQ_DIM // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device).float() / half)
         args = sigma[:, None].float() * freqs[None]
-        return self.mlp(torch.cat((args.cos(), args.sin()), dim=-1))
+        emb = torch.cat((args.cos(), args.sin()), dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # fp32 features, the model's dtype
 
 
 class DiTBlock(nn.Module):
@@ -187,6 +188,8 @@ class DiT(nn.Module):
     """
 
     wants_bos = True  # trained on [BOS] ... [EOS] blocks: prompts start after a BOS
+    mask_logit = "drop"  # SUBS: [MASK] is never predicted (MDLM); see diffusion.MASK_LOGIT
+    forward_every_step = False  # MDLM's sampler reuses a step that changed nothing (loop.py)
 
     def __init__(self, config: DiTConfig):
         super().__init__()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smdlm_cli.core.diffusion import MASK_LOGIT
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.validate import check_fields
 from smdlm_cli.core.models.cache import KVCache
@@ -52,11 +53,17 @@ class DreamConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # "keep": Dream's [MASK] logit stays in every softmax (SM entropy and top-k, the sampler's
+    # candidates, the fine-tuning loss), as the official Dream code; "drop": SUBS (diffusion.py)
+    mask_logit: str = "keep"
     extra: dict = field(default_factory=dict)
 
     causal = False  # never: a diffusion model (the DiT's AR baseline flag, for uniform checks)
 
     def __post_init__(self):
+        if self.mask_logit not in MASK_LOGIT:
+            raise UserError(f"config.json: mask_logit = {self.mask_logit!r}, expected one of "
+                            f"{', '.join(MASK_LOGIT)}")
         if self.hidden_size % self.num_attention_heads or \
                 self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"config.json: {self.num_attention_heads} heads over hidden size "
@@ -179,11 +186,15 @@ class Dream(nn.Module):
     """The Denoiser of DESIGN.md for Dream checkpoints: aligned (shifted) logits (B, W, V)."""
 
     wants_bos = False  # prompts come with the chat template's own tokens
+    # Dream's diffusion_generate runs a forward at every step, also at one that commits nothing
+    # (step 0 at one token per step): its SM feedback then feeds the next step (loop.py)
+    forward_every_step = True
 
     def __init__(self, config: DreamConfig):
         super().__init__()
         self.config = config
         self.vocab_size, self.mask_id = config.vocab_size, config.mask_token_id
+        self.mask_logit = config.mask_logit
         self.gradient_checkpointing = False
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

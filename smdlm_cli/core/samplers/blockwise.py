@@ -113,9 +113,11 @@ def _align(x: Tensor, real: Tensor, shift: list[int], pad: int):
 
 
 def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[torch.Generator],
-           steps: int, softmask: SoftMask | None, sm_schedule: str, options: dict) -> tuple[Tensor, int]:
+           steps: int, softmask: SoftMask | None, sm_schedule: str, options: dict,
+           keep_mask: bool = False) -> tuple[Tensor, int]:
     """(tokens (B, L), forwards run): see the module docstring. `has_mask`: whether the caller
-    passed an attention mask (else the model gets none, as in the planned loop)."""
+    passed an attention mask (else the model gets none, as in the planned loop); `keep_mask`:
+    the model's [MASK] logit stays in the softmax (diffusion.keeps_mask)."""
     mask_id, weight = model.mask_id, model.embedding_weight()
     o = dict(options)
     caching = o["cache"] != "none"
@@ -140,7 +142,7 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
         model = Guided(model, o["cfg_scale"], real & ~gen)
     gen_host = gen.cpu()
     width = x.shape[1]
-    plan = confidence.build(gen, gen_host, generators, steps, mask_id, o)
+    plan = confidence.build(gen, gen_host, generators, steps, mask_id, o, keep_mask)
     spb, bl = plan.steps_per_block, o["block_length"]
     n_blocks = steps // spb
     block_counts = [[int(n) for n in row] for row in torch.stack(
@@ -161,7 +163,7 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
             logits = model(input_ids=x[:, a:b], **kwargs)
         else:
             logits = model(inputs_embeds=fb.embeds(x, a, b)[0], **kwargs)
-        return subs_log_probs(logits, x[:, a:b], mask_id)
+        return subs_log_probs(logits, x[:, a:b], mask_id, keep_mask)
 
     for j in range(n_blocks):
         s = start + j * bl if bl else start
@@ -199,7 +201,7 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
             counts = [left[r] for r in rows]
             ks_rows = None if rule is not None else [plan.k[i][r] for r in rows]
             new = confidence.commit(x[:, w], logp, cand, rows, counts, ks_rows, k, generators, o,
-                                    mask_id, rule)
+                                    mask_id, rule, keep_mask)
             if fb is not None:  # from this forward, at the step's masks (committed ones go unused)
                 fb.update(logp, x, rows, [left[r] + (later[r] if b == width else 0) for r in rows], a)
             x = new if b - a == width else torch.cat((x[:, :a], new, x[:, b:]), dim=1)

@@ -3,7 +3,9 @@
 Dream's `diffusion_generate` semantics: time grid linspace(1, 1e-3, steps + 1); at step i a row
 with n masked positions commits k_i = int(n * (1 - s/t)) of them (float32 arithmetic, truncation),
 all remaining ones at the last step, so steps = L gives 0, 1, ..., 1, 2 tokens per step. Candidate
-tokens and confidences come from Dream's `sample_tokens` on the SUBS log-probabilities: logits / T,
+tokens and confidences come from Dream's `sample_tokens` on the log-probabilities (SUBS, or with the
+[MASK] column kept for a model with mask_logit "keep", as Dream's own code; a kept [MASK] weighs in
+every confidence but is never the committed token): logits / T,
 Hugging Face top-p, top-k, softmax; a float64 categorical draw if T > 0, else argmax. Confidence:
 maskgit_plus = p(x0), topk_margin = p1 - p2, entropy = sum p log(p + 1e-10) (higher = surer);
 'origin' commits each masked position with probability 1 - s/t whatever its confidence. With
@@ -55,26 +57,40 @@ OPTIONS = {"alg": "entropy", "temperature": 0.0, "top_p": 1.0, "top_k": None, "a
            "cache": "none", "threshold": None, "factor": None, "refresh_every": 0}
 
 
-def filtered_probs(lp: Tensor, o: dict, mask_id: int) -> Tensor:
-    """Dream's candidate distribution on log-prob rows (N, V): / T, HF top-p, top-k, softmax."""
+def filtered_probs(lp: Tensor, o: dict, mask_id: int, keep_mask: bool = False) -> Tensor:
+    """Dream's candidate distribution on log-prob rows (N, V): / T, HF top-p, top-k, softmax.
+
+    keep_mask: the [MASK] column stays in (mask_logit "keep", the official Dream code)."""
     logits = with_temperature(lp, o["temperature"])
-    logits[:, mask_id] = torch.finfo(logits.dtype).min  # SUBS excludes it; keep it so after T
+    if not keep_mask:
+        logits[:, mask_id] = torch.finfo(logits.dtype).min  # SUBS excludes it; keep it so after T
     return top_k_filter(nucleus_hf(logits, o["top_p"]), o["top_k"]).softmax(-1)
 
 
+def _tokens_only(probs: Tensor, mask_id: int, keep_mask: bool) -> Tensor:
+    """The distribution a token is chosen from: a kept [MASK] column weighs in every confidence
+    but is never committed (a committed position is decoded; see docs/official-parity.md)."""
+    if not keep_mask:
+        return probs
+    # an arange compared with a Python int, not a tensor built from [mask_id] (a host copy)
+    return probs.masked_fill(torch.arange(probs.shape[-1], device=probs.device) == mask_id, 0.0)
+
+
 def sample_tokens(lp: Tensor, generators: Sequence[torch.Generator], counts: Sequence[int],
-                  o: dict, mask_id: int, draw: bool = True) -> tuple[Tensor, Tensor | None]:
+                  o: dict, mask_id: int, draw: bool = True,
+                  keep_mask: bool = False) -> tuple[Tensor, Tensor | None]:
     """Dream's sample_tokens on log-prob rows (N, V): (confidence (N,), candidate token (N,)).
 
     draw=False skips the categorical draw (candidate None) where the confidence does not depend on
     it (topk_margin, entropy, random): the caller then draws only at the positions it commits.
     """
-    probs = filtered_probs(lp, o, mask_id)
+    probs = filtered_probs(lp, o, mask_id, keep_mask)
     x0 = None
     if o["temperature"] == 0:
-        conf, x0 = probs.max(-1)
+        x0 = _tokens_only(probs, mask_id, keep_mask).argmax(-1)
+        conf = probs.gather(-1, x0[:, None]).squeeze(-1)
     elif draw or o["alg"] in TOKEN_CONFIDENCE:
-        x0 = categorical_fp64(probs, generators, counts)
+        x0 = categorical_fp64(_tokens_only(probs, mask_id, keep_mask), generators, counts)
         conf = probs.gather(-1, x0[:, None]).squeeze(-1)
     if o["alg"] == "low_confidence":  # LLaDA: the untempered p of the drawn token
         conf = lp.gather(-1, x0[:, None]).squeeze(-1).exp()
@@ -137,6 +153,7 @@ class ConfidenceTransition:
     generators: Sequence[torch.Generator]
     options: dict
     mask_id: int
+    keep_mask: bool = False
 
     @property
     def changes(self) -> list[list[bool]]:
@@ -153,7 +170,8 @@ class ConfidenceTransition:
         cand = (x[:, cols] == self.mask_id) & self.in_block[i // self.steps_per_block][:, cols]
         counts = [self.candidates[i][b] for b in rows]
         new = commit(x[:, cols], logp, cand, rows, counts, [self.k[i][b] for b in rows],
-                     self.k_dev[i], self.generators, self.options, self.mask_id)
+                     self.k_dev[i], self.generators, self.options, self.mask_id,
+                     keep_mask=self.keep_mask)
         if new.shape == x.shape:
             return new
         out = x.clone()
@@ -163,7 +181,7 @@ class ConfidenceTransition:
 
 def commit(x: Tensor, logp: Tensor, cand: Tensor, rows: Sequence[int], counts: Sequence[int],
            ks: Sequence[int] | None, k: Tensor, generators: Sequence[torch.Generator], o: dict,
-           mask_id: int, rule=None) -> Tensor:
+           mask_id: int, rule=None, keep_mask: bool = False) -> Tensor:
     """x (B, W) after each listed row commits its k[b] most confident candidates.
 
     logp (B, W, V) over the same columns; cand (B, W) the candidates, counts[j] of them in row
@@ -176,7 +194,8 @@ def commit(x: Tensor, logp: Tensor, cand: Tensor, rows: Sequence[int], counts: S
     idx = positions(cand, rows, counts)
     # a confidence that ignores the sampled token lets us draw only the k committed tokens
     late = o["temperature"] > 0 and o["alg"] not in TOKEN_CONFIDENCE
-    conf, x0 = sample_tokens(flat.index_select(0, idx), gens, counts, o, mask_id, draw=not late)
+    conf, x0 = sample_tokens(flat.index_select(0, idx), gens, counts, o, mask_id, draw=not late,
+                             keep_mask=keep_mask)
     if o["alg_temp"] > 0:  # Gumbel-top-k = sampling softmax(conf/T) w/o replacement (fp64)
         conf = conf.double() / o["alg_temp"] + gumbels(gens, counts, x.device)
     full = torch.full((B * W,), float("-inf"), dtype=conf.dtype, device=x.device)
@@ -190,8 +209,8 @@ def commit(x: Tensor, logp: Tensor, cand: Tensor, rows: Sequence[int], counts: S
     chosen = torch.zeros_like(cand).scatter_(1, ranked.indices[:, :k_max], keep)
     if late:
         committed = positions(chosen, rows, ks)
-        probs = filtered_probs(flat.index_select(0, committed), o, mask_id)
-        tokens = categorical_fp64(probs, gens, ks)
+        probs = filtered_probs(flat.index_select(0, committed), o, mask_id, keep_mask)
+        tokens = categorical_fp64(_tokens_only(probs, mask_id, keep_mask), gens, ks)
         return x.reshape(-1).index_copy(0, committed, tokens).view_as(x)
     proposal = x.reshape(-1).index_copy(0, idx, x0).view_as(x)
     return torch.where(chosen, proposal, x)
@@ -207,7 +226,7 @@ def _blocks(gen_host: Tensor, block_length: int | None) -> Tensor:
 
 
 def build(gen: Tensor, gen_host: Tensor, generators: Sequence[torch.Generator], steps: int,
-          mask_id: int, options: dict):
+          mask_id: int, options: dict, keep_mask: bool = False):
     """The confidence transition (or, for alg 'origin', its planned mask chain) for positions `gen`."""
     block = _blocks(gen_host, options["block_length"])
     n_blocks = max(int(block.max()) + 1, 1)
@@ -219,7 +238,7 @@ def build(gen: Tensor, gen_host: Tensor, generators: Sequence[torch.Generator], 
     block_dev = block.to(device)
     if options["alg"] == "origin":
         return MaskChain(_plan_origin(gen, gen_host, block_dev, generators, steps, spb), generators,
-                         _origin_draw(options, mask_id), mask_id)
+                         _origin_draw(options, mask_id, keep_mask), mask_id)
     counts = [[int((row == j).sum()) for j in range(n_blocks)] for row in block]
     k = transfer_table(counts, spb, options["transfer"])
     # masks left in the current block before each step: the block's count minus what was committed
@@ -236,7 +255,7 @@ def build(gen: Tensor, gen_host: Tensor, generators: Sequence[torch.Generator], 
     in_block = torch.stack([block_dev == j for j in range(n_blocks)])
     return ConfidenceTransition(k, candidates, masks_left,
                                 torch.tensor(k, dtype=torch.long, device=device), in_block, spb,
-                                generators, options, mask_id)
+                                generators, options, mask_id, keep_mask)
 
 
 def _plan_origin(gen: Tensor, gen_host: Tensor, block: Tensor,
@@ -251,9 +270,9 @@ def _plan_origin(gen: Tensor, gen_host: Tensor, block: Tensor,
     return (u[None] <= grid[local]) & gen[None]
 
 
-def _origin_draw(options: dict, mask_id: int):
+def _origin_draw(options: dict, mask_id: int, keep_mask: bool):
     def draw(lp: Tensor, generators: Sequence[torch.Generator], counts: Sequence[int]) -> Tensor:
-        return sample_tokens(lp, generators, counts, options, mask_id)[1]
+        return sample_tokens(lp, generators, counts, options, mask_id, keep_mask=keep_mask)[1]
     return draw
 
 

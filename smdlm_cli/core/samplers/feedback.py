@@ -16,7 +16,8 @@ from smdlm_cli.core.softmask import SoftMask
 
 
 class Feedback:
-    """SM input of the next forward: lambda, top-k ids and pi of each row's own last forward.
+    """SM input of the next forward: lambda and the mixed embedding (the top-k mixture, or the
+    whole tempered distribution's for the temperature variant) of each row's own last forward.
 
     Computed right after a transition step, from that forward's log p, only at masked positions:
     that is the whole cost of SM at inference, one pass over V per mask. On the CPU the rows go
@@ -33,9 +34,9 @@ class Feedback:
         self.softmask, self.weight, self.real, self.mask_id = softmask, weight, real, mask_id
         self.n_start, self.schedule = n_start.clamp_min(1), schedule
         # rows without a forward of their own yet get lam = 0, i.e. exactly E[x] (no feedback)
-        self.lam = torch.zeros(B, L, device=real.device)
-        self.top_idx = torch.zeros(B, L, softmask.k, dtype=torch.long, device=real.device)
-        self.pi = torch.zeros(B, L, softmask.k, device=real.device)
+        self.lam = torch.zeros(B, L, device=real.device,
+                               dtype=torch.promote_types(weight.dtype, torch.float32))
+        self.mixed = torch.zeros(B, L, weight.shape[1], dtype=weight.dtype, device=real.device)
 
     def update(self, logp: Tensor, x: Tensor, rows: Sequence[int], counts: Sequence[int],
                start: int = 0) -> None:
@@ -56,12 +57,9 @@ class Feedback:
         chunk = n if logp.is_cuda else max(1, self.CPU_CHUNK_BYTES // (4 * vocab))
         for first in range(0, n, chunk):
             j, s = idx[first:first + chunk], store[first:first + chunk]
-            size = min(chunk, n - first)
-            lam, top_idx, pi = self.softmask.feedback(
-                flat[j], torch.ones(size, dtype=torch.bool, device=j.device), normalized=True)
+            lam, mixed = self.softmask.mixture(flat[j], self.weight, normalized=True)
             self.lam.view(-1).index_copy_(0, s, lam)
-            self.top_idx.view(-1, self.softmask.k).index_copy_(0, s, top_idx)
-            self.pi.view(-1, self.softmask.k).index_copy_(0, s, pi)
+            self.mixed.view(-1, self.mixed.shape[-1]).index_copy_(0, s, mixed)
 
     def embeds(self, x: Tensor, start: int = 0, end: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(inputs_embeds, lam used, is_mask) of the columns [start, end) for the forward on x."""
@@ -73,5 +71,5 @@ class Feedback:
             lam = lam * factor[:, None]
         cols = slice(start, end)
         lam, is_mask = lam[:, cols], is_mask[:, cols]
-        emb = SoftMask.mix(x[:, cols], lam, self.top_idx[:, cols], self.pi[:, cols], self.weight)
+        emb = SoftMask.combine(x[:, cols], lam, self.mixed[:, cols], self.weight)
         return emb, lam, is_mask

@@ -14,7 +14,15 @@ same feedback as ours, which runs at the next changing step instead: same p, sam
 distribution, fewer forwards. Per row the same holds: a row's feedback is refreshed only by forwards
 at steps where that row changes (or every forward with `exact`), so a row decodes the same in any
 batch and alone. With SM, `exact=True` runs a forward at every step, so the feedback keeps refining
-while x stands still (Dream's own loop does that); without SM it changes nothing.
+while x stands still; without SM it changes nothing. Dream's own loop does that, and its official
+SM patch relies on it: at one token per step, step 0 commits nothing but its forward's feedback
+feeds step 1. So `exact` defaults to the model's `forward_every_step` (True for Dream, False for
+the MDLM DiT, whose official sampler reuses such steps as above): docs/official-parity.md.
+
+Noise removal (MDLM family) under SM: the official sampler's last forward before it ran on the
+final x (at the first step after the last change), so its feedback refined once more. A row whose
+last change came before the last step therefore gets one settling forward on its final x, whose
+feedback its noise-removal forward starts from: one more NFE, the official one.
 
 Host transfers, all before the loop: the positions to generate, and for the MDLM family the plan.
 The confidence sampler with a KV cache, threshold or factor (Fast-dLLM) decodes block by block in
@@ -31,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from smdlm_cli.core.diffusion import subs_log_probs
+from smdlm_cli.core.diffusion import keeps_mask, subs_log_probs
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.samplers import ar, blockwise, confidence, mdlm
 from smdlm_cli.core.samplers.common import row_generators
@@ -88,17 +96,20 @@ def validate_sampler_args(sampler: str, **kwargs) -> dict:
 
 
 def _build(sampler: str, gen: Tensor, gen_host: Tensor, generators, steps: int, mask_id: int,
-           options: dict):
+           options: dict, keep_mask: bool):
     if sampler == "confidence":
-        return confidence.build(gen, gen_host, generators, steps, mask_id, options)
+        return confidence.build(gen, gen_host, generators, steps, mask_id, options, keep_mask)
     return mdlm.build(sampler, gen, gen_host.sum(-1).tolist(), generators, steps, mask_id, options)
 
 
 def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | None = None,
            generator_seeds: Sequence[int], attention_mask: Tensor | None = None,
-           sm_schedule: str = "none", exact: bool = False, trace: bool = False,
+           sm_schedule: str = "none", exact: bool | None = None, trace: bool = False,
            **sampler_kwargs) -> DecodeResult:
     """Decode the masked positions of x (B, L) with `sampler`; see the module docstring.
+
+    exact=None takes the model's default (`forward_every_step`: True for Dream, whose own loop
+    runs a forward at every step, False for the MDLM DiT, whose official sampler reuses steps).
 
     x holds the prompt / fixed tokens and model.mask_id where tokens are to be generated (anywhere:
     infilling works). attention_mask (B, L) marks real positions (right padding): pads are never
@@ -133,7 +144,7 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
             model.train(was_training)
         return DecodeResult(tokens, nfe, nfe, 0, None)
     if sampler == "confidence" and blockwise.wanted(options):
-        if trace or exact:
+        if trace or exact:  # an explicit exact only: the model's default does not apply here
             raise UserError("trace and exact apply to the planned loop; expected neither with a "
                             "cache, threshold or factor")
         was_training = model.training
@@ -142,7 +153,7 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
             with torch.no_grad():
                 tokens, nfe = blockwise.decode(model, x, real, attention_mask is not None,
                                                row_generators(generator_seeds, device), steps,
-                                               softmask, sm_schedule, options)
+                                               softmask, sm_schedule, options, keeps_mask(model))
         finally:
             model.train(was_training)
         return DecodeResult(tokens, nfe, steps, steps - nfe, None)
@@ -152,13 +163,20 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
         model = Guided(model, options["cfg_scale"], real & ~gen)
     gen_host = gen.cpu()  # host transfer: the positions to generate (counts, blocks)
     generators = row_generators(generator_seeds, device)
-    transition = _build(sampler, gen, gen_host, generators, steps, mask_id, options)
+    keep = keeps_mask(model)
+    transition = _build(sampler, gen, gen_host, generators, steps, mask_id, options, keep)
+    if exact is None:
+        exact = bool(getattr(model, "forward_every_step", False))
 
     changes = transition.changes
     refresh_all = exact and softmask is not None
     run = [refresh_all or any(c) for c in changes]
     final = any(transition.noise_removal)
-    forward_steps = [i for i in range(steps) if run[i]] + ([steps] if final else [])
+    # Rows whose noise removal must first see a forward on their final x (module docstring)
+    settle = ([b for b in range(x.shape[0]) if transition.noise_removal[b] and not changes[-1][b]]
+              if softmask is not None and not refresh_all else [])
+    forward_steps = ([i for i in range(steps) if run[i]] + ([steps] if settle else [])
+                     + ([steps + 1] if final else []))
     left = transition.masks_left
     # feedback rows: a row takes a forward's feedback only at steps where it changes (or all, exact)
     fb_rows = [list(range(len(c))) if refresh_all else [b for b, ch in enumerate(c) if ch]
@@ -176,7 +194,7 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
         else:
             emb, lam, is_mask = fb.embeds(x)
             logits = model(inputs_embeds=emb, attention_mask=model_mask)
-        return subs_log_probs(logits, x, mask_id), lam, is_mask
+        return subs_log_probs(logits, x, mask_id, keep), lam, is_mask
 
     snapshots, lam_log = [x], []  # filled only with trace=True
 
@@ -191,11 +209,16 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
     try:
         with torch.no_grad():
             for n, i in enumerate(forward_steps):
-                for _ in range(done, i):  # steps without a forward: nothing changes
+                for _ in range(done, min(i, steps)):  # steps without a forward: nothing changes
                     record(x, None)
-                done = i
+                done = min(i, steps)
                 logp, lam, is_mask = forward(x, first=n == 0)
-                if i == steps:  # noise removal: argmax of the unfiltered SUBS p at the masks left
+                if i == steps:  # settle: the feedback noise removal starts from
+                    fb.update(logp, x, settle, [left[-1][b] for b in settle])
+                    continue
+                if i == steps + 1:  # noise removal: argmax of the unfiltered p at the masks left
+                    if keep:  # a kept [MASK] column is never a token to decode to
+                        logp[..., mask_id] = float("-inf")
                     x = torch.where((x == mask_id) & real, logp.argmax(-1), x)
                     break
                 rows = [b for b, c in enumerate(changes[i]) if c]
@@ -211,12 +234,12 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
         model.train(was_training)
 
     skipped = steps - sum(run)
-    info = _trace(snapshots, lam_log, run, final, mask_id, real) if trace else None
+    info = _trace(snapshots, lam_log, run, final, bool(settle), mask_id, real) if trace else None
     return DecodeResult(x, len(forward_steps), steps, skipped, info)
 
 
-def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool, mask_id: int,
-           real: Tensor) -> dict:
+def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool, settle: bool,
+           mask_id: int, real: Tensor) -> dict:
     """Per-step decoding record, computed after the loop (the loop only kept device tensors).
 
     tokens (steps + 1, B, L) on the CPU (state before each step, then the result before noise
@@ -230,6 +253,7 @@ def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool,
     out = {
         "forward": list(run),
         "noise_removal": final,
+        "settle": settle,         # a settling forward ran before noise removal (SM)
         "tokens": tokens,
         "unmasked": (masked[:-1] & ~masked[1:]).sum(-1).tolist(),
         "remasked": (~masked[:-1] & masked[1:]).sum(-1).tolist(),

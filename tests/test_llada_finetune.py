@@ -84,5 +84,5 @@ def test_llada_8b_recipe_stops_at_once_offline(tmp_path):
     assert r.finetune.target_modules == ["q_proj", "k_proj", "v_proj", "attn_out"]
     result = runner.invoke(app, ["finetune", "recipes/llada-sm.toml", "--out", str(tmp_path / "8b")])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
-    assert "GSAI-ML/LLaDA-8B-Instruct" in result.stderr and "not found locally" in result.stderr
+    assert "GSAI-ML/LLaDA-8B-Instruct" in result.stderr and "not in the local cache" in result.stderr
     assert not (tmp_path / "8b").exists()

@@ -27,6 +27,15 @@ def random_dream(seed: int = 0, **overrides) -> Dream:
 
 def write_checkpoint(model: Dream, path: Path, dtype=torch.bfloat16, shards: int = 2) -> Path:
     """config.json + model-0000k-of-0000n.safetensors + model.safetensors.index.json."""
+    write_shards(model, path, dtype, shards)
+    config = {**model.config.to_json(), "auto_map": {"AutoModel": "modeling_dream.DreamModel"},
+              "use_sliding_window": False}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def write_shards(model, path: Path, dtype=torch.bfloat16, shards: int = 2) -> None:
+    """model-0000k-of-0000n.safetensors + model.safetensors.index.json, as on the hub."""
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
     keys = sorted(state)
@@ -37,10 +46,6 @@ def write_checkpoint(model: Dream, path: Path, dtype=torch.bfloat16, shards: int
         save_file({k: state[k] for k in part}, str(path / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = {**model.config.to_json(), "auto_map": {"AutoModel": "modeling_dream.DreamModel"},
-              "use_sliding_window": False}
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 def write_chat_base(path: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from dream_fixtures import write_shards
 
 from smdlm_cli.core.models.llada import LLaDA, LLaDAConfig
 
@@ -35,16 +35,7 @@ def random_llada(seed: int = 0, **overrides) -> LLaDA:
 
 def write_checkpoint(model: LLaDA, path: Path, dtype=torch.bfloat16, shards: int = 3) -> Path:
     """config.json (LLaDA's keys) + model-0000k-of-0000n.safetensors + the index, as on the hub."""
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
-    keys = sorted(state)
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i::shards]
-        save_file({k: state[k] for k in part}, str(path / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(model, path, dtype, shards)
     c = model.config
     config = {**LLADA_EXTRAS, "model_type": "llada", "architectures": ["LLaDAModelLM"],
               "d_model": c.d_model, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,

@@ -99,13 +99,16 @@ class DreamConfig:
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm as Qwen2 and LLaDA compute it: normalise in fp32 (or wider: a float64 model stays
+    float64), back to the input dtype, then scale."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 

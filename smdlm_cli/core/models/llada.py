@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.models.cache import KVCache
 from smdlm_cli.core.models.stack import run_blocks
-from smdlm_cli.core.models.dream import rotate_half
+from smdlm_cli.core.models.dream import RMSNorm, rotate_half
 
 MASK_ID = 126336  # LLaDA's <|mdm_mask|>, hard-coded in its generate.py; config.json may repeat it
 REQUIRED = ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size")
@@ -106,20 +106,6 @@ class LLaDAConfig:
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "extra"}
         return {**self.extra, **FIXED, "model_type": "llada", "architectures": ["LLaDAModelLM"], **out}
-
-
-class RMSNorm(nn.Module):
-    """LLaDA's RMSLayerNorm: normalise in fp32 (or wider), back to the input dtype, then scale."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rope(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

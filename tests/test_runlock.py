@@ -112,8 +112,8 @@ def test_a_finished_run_or_foreign_files_are_never_overwritten(trained, tmp_path
         runlock.claim(tmp_path / "file", resume=False)
 
 
-@pytest.mark.parametrize("name", ["softmask", "model.safetensors", "config.json", "recipe.toml",
-                                  "state/latest", "tokenizer/tokenizer.json"])
+@pytest.mark.parametrize("name", ["softmask.json", "model.safetensors", "config.json", "recipe.toml",
+                                  "sampler.json", "state/latest", "tokenizer/tokenizer.json"])
 def test_sample_never_writes_into_a_run_directorys_own_files(tmp_path, name):
     run = make_run(tmp_path / "run", SoftMask(k=2, scale=0.5))
     (run / "recipe.toml").write_text("# a run\n")

@@ -164,11 +164,11 @@ def sidecar_path(out: Path) -> Path:
 
 
 def check_out(out: str) -> Path:
-    """--out FILE: not a directory, and neither it nor its sidecar FILE.json a run's own file."""
+    """--out FILE: not a directory, and neither it nor its sidecar a run's own file."""
     path = Path(out)
     if path.is_dir():
         raise UserError(f"--out {out}: is a directory; expected a .jsonl file path")
-    check_output(path.with_suffix(path.suffix + ".json"))
+    check_output(sidecar_path(path))
     return check_output(path)
 
 

@@ -30,7 +30,7 @@ LOCK = ".lock"
 RESERVED = frozenset({
     "recipe.toml", "config.json", "model.safetensors", "model.safetensors.index.json",
     "softmask.json", "transparency_config.json", "tokenizer", "metrics.jsonl", checkpoint.STATE,
-    "adapter", "base", "base.json", "generation_config.json", LOCK})
+    "adapter", "base", "base.json", "best", "sampler.json", "generation_config.json", LOCK})
 
 
 def _temporary(path: Path) -> bool:

@@ -233,7 +233,7 @@ def llada_sampled(result, cwd):
     out = cwd / result.stdout.strip().splitlines()[-1]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 4 and rows[0]["prompt"].endswith("assistant<|end_header_id|>\n\n")
-    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    sidecar = json.loads(out.with_name(out.stem + ".meta.json").read_text())
     assert sidecar["settings"]["options"] == {"alg": "low_confidence", "transfer": "even",
                                               "block_length": 32, "cfg_scale": 0.5}
 

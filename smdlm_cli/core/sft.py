@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +33,8 @@ from torch import Tensor
 
 from smdlm_cli.core import hub
 from smdlm_cli.core.config import DataConfig
-from smdlm_cli.core.data import _is_valid, stdlib_files
+from smdlm_cli.core.data import _is_valid, cache_dir, stdlib_files
+from smdlm_cli.core.io import atomic_write_json, read_json
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.loader import ShardedLoader, validation_chunks
 
@@ -52,8 +54,25 @@ def source_segment(lines: list[str], node: ast.AST) -> str:
     return "".join([head, *lines[first + 1:last], tail])
 
 
-def _functions() -> Iterator[tuple[str, dict]]:
-    """(key, {prompt, response}) for stdlib functions with a docstring and a short body."""
+def _functions() -> list[tuple[str, dict]]:
+    """(key, {prompt, response}) for stdlib functions with a docstring and a short body; built
+    once per Python version and cached as JSON beside the packed corpora (parsing the 1,800
+    standard-library files takes about 18 s on one core)."""
+    file = cache_dir() / f"python-functions-{sys.version.split()[0]}-{_SET_VERSION}.json"
+    if file.is_file():
+        try:
+            return [(key, row) for key, row in read_json(file)]
+        except (ValueError, TypeError):  # a damaged cache is rebuilt, never trusted
+            pass
+    rows = list(_scan_functions())
+    atomic_write_json(file, rows)
+    return rows
+
+
+_SET_VERSION = 1  # bump when _scan_functions changes what it yields
+
+
+def _scan_functions() -> Iterator[tuple[str, dict]]:
     for path in stdlib_files():
         try:
             source = path.read_text(errors="replace")

@@ -170,7 +170,17 @@ def test_other_exceptions_are_bugs_and_propagate(tmp_path, pretrain):
 @pytest.mark.parametrize("args", [["pretrain"], ["pretrain", "a.toml", "--bogus"],
                                   ["train", "a.toml"]])
 def test_usage_errors_exit_2(args):
-    assert runner.invoke(app, args).exit_code == 2
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    # one line, like every other bad input (Typer would draw a boxed usage block)
+    assert result.stderr.startswith("error: smdlm") and result.stderr.count("\n") == 1
+
+
+def test_an_unparsable_flag_value_is_one_line():
+    result = runner.invoke(app, ["sample", "--seed", "1e20"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: smdlm sample: Invalid value for '--seed'")
+    assert "(see smdlm sample --help)" in result.stderr
 
 
 def test_finetune_missing_recipe_is_one_line(tmp_path):

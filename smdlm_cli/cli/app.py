@@ -56,6 +56,19 @@ class _Group(TyperGroup):
             message = " ".join(line.strip() for line in str(e).splitlines())
             err().print(Text.assemble(("error:", "bold red"), " ", message))
             raise typer.Exit(2) from None
+        except Exception as e:
+            # a flag or argument click could not parse (`--seed 1e20`, a typo in an option): one
+            # line, like every other bad input, instead of Typer's boxed usage block. Typer ships
+            # its own copy of click, so the class is recognised by name; a bare command still
+            # shows its help (NoArgsIsHelpError).
+            kinds = {c.__name__ for c in type(e).__mro__}
+            if "UsageError" not in kinds or "NoArgsIsHelpError" in kinds:
+                raise
+            where = e.ctx.command_path if e.ctx is not None else "smdlm"
+            message = " ".join(e.format_message().split())
+            err().print(Text.assemble(("error:", "bold red"), f" {where}: {message} (see {where} "
+                                      "--help)"))
+            raise typer.Exit(2) from None
         except KeyboardInterrupt as e:
             # a command that knows what it kept says so (training: the state and how to resume)
             err().print(Text(str(e) or "interrupted", style="yellow"))

@@ -1,6 +1,7 @@
 """Test-wide settings: never touch the network, never write outside tmp dirs."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,20 @@ def trained(tmp_path_factory):
         loaded = load_recipe(Path(__file__).parents[1] / recipe, TINY)
         runs[name] = pretrain.run(loaded, recipe_path=Path(recipe), out=root / name, resume=False)
     return runs
+
+
+SMOKE_ARGV = [sys.executable, "-m", "smdlm_cli", "reproduce", "recipes/repro/cpu", "--smoke"]
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(tmp_path_factory):
+    """README's `smdlm reproduce recipes/repro/cpu` with --smoke, run once per session (about two
+    minutes) for both tests/test_readme.py and tests/test_reproduce.py: (result, directory)."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("smoke-chain")
+    (d / "recipes").symlink_to(Path(__file__).parents[1] / "recipes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(SMOKE_ARGV, cwd=d, env=env, capture_output=True, text=True,
+                            timeout=1200)
+    return result, d

@@ -264,18 +264,18 @@ def test_source_segment_equals_the_standard_library_one():
     from smdlm_cli.core.data import stdlib_files
 
     checked = 0
-    for path in stdlib_files()[:40]:
+    for path in stdlib_files()[:60:6]:  # 10 files; ast's own function is quadratic, hence few
         source = path.read_text(errors="replace")
         try:
             tree = ast.parse(source)
         except SyntaxError:
             continue
         lines = io.StringIO(source, newline="").readlines()
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+        for node in tree.body:  # what the set takes (top-level), and one-line nodes among them
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign, ast.Expr)):
                 assert sft.source_segment(lines, node) == ast.get_source_segment(source, node)
                 checked += 1
-    assert checked > 500
+    assert checked > 30
 def test_official_grad_scaling_and_validation_share():
     """finetune.official_grad_scaling sums the micro-batch losses (the official Trainer's
     effective scaling); finetune.validation = official soft-masks a seeded p_sm share of the

@@ -313,8 +313,15 @@ EXERCISED = {
 
 
 @pytest.mark.parametrize("command", list(EXERCISED))
-def test_readme_command_runs(command, workdir):
+def test_readme_command_runs(command, workdir, request):
     argv = shrink(command)
+    if argv[3:4] == ["reproduce"]:  # run once per session, shared with tests/test_reproduce.py
+        from conftest import SMOKE_ARGV
+
+        assert argv == SMOKE_ARGV
+        result, cwd = request.getfixturevalue("smoke_chain")
+        EXERCISED[command](result, cwd)
+        return
     if argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
     EXERCISED[command](run(argv, workdir), workdir)

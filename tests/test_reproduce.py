@@ -33,33 +33,32 @@ def smdlm(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    d = tmp_path_factory.mktemp("repro")
-    result = smdlm("reproduce", CPU, "--smoke", "--runs", "runs", "--report", "docs/results.md",
-                   cwd=d)
+def chain(smoke_chain):
+    """The smoke chain's runs directory, which also holds its report (results.md, figures/)."""
+    result, d = smoke_chain
     assert result.returncode == 0, result.stderr[-3000:]
-    return d
+    return d / "runs" / "repro-cpu-smoke"
 
 
 def test_every_stage_ran_once_and_is_recorded(chain):
-    record = read_json(chain / "runs" / "stages.json")
-    plan = reproduce.load_plan(CPU, str(chain / "runs"), smoke=True)
+    record = read_json(chain / "stages.json")
+    plan = reproduce.load_plan(CPU, str(chain), smoke=True)
     assert sorted(record["stages"]) == sorted(plan.stages[:-1])  # all but the report
     assert record["smoke"] is True and record["machine"]["cpus"] >= 1 and record["machine"]["cpu"]
     assert len(record["stages"]["cache"]["commands"]) == 4
     assert all(c.startswith("smdlm ") for s in record["stages"].values() for c in s["commands"])
     for name in reproduce.TRAIN:
-        assert (chain / "runs" / name / "model.safetensors").is_file()
+        assert (chain / name / "model.safetensors").is_file()
     for png in ("results-mdlm.png", "results-remdm-cap.png", "results-lambda.png",
                 "results-sm-on.png"):
-        assert (chain / "docs" / "figures" / png).stat().st_size > 1000
+        assert (chain / "figures" / png).stat().st_size > 1000
 
 
 def test_continuations_start_from_the_base_on_equal_data(chain):
-    plan = reproduce.load_plan(CPU, str(chain / "runs"), smoke=True)
+    plan = reproduce.load_plan(CPU, str(chain), smoke=True)
     s = {n: training_summary(plan, n) for n in reproduce.CONTINUATIONS}
     for name in reproduce.CONTINUATIONS:
-        assert s[name]["recipe"].model.init == "runs/base"  # the --runs given, relative
+        assert s[name]["recipe"].model.init == "runs/repro-cpu-smoke/base"  # the runs dir, relative
         # the same initial weights and validation batches: the step-0 ELBO is the same number
         assert s[name]["first_val"] == s["binary"]["first_val"]
     assert s["binary"]["sm_steps"] == 0
@@ -67,12 +66,12 @@ def test_continuations_start_from_the_base_on_equal_data(chain):
     assert s["sm-iso-compute"]["forwards"] == s["binary"]["forwards"]   # iso-compute
     assert s["sm-iso-compute"]["steps"] < s["binary"]["steps"]
     assert s["sm-iso-update"]["forwards"] == s["binary"]["steps"] + s["sm-iso-update"]["sm_steps"]
-    ar = json.loads((chain / "runs" / "ar" / "tokenizer" / "tokenizer.json").read_text())
-    base = json.loads((chain / "runs" / "base" / "tokenizer" / "tokenizer.json").read_text())
+    ar = json.loads((chain / "ar" / "tokenizer" / "tokenizer.json").read_text())
+    base = json.loads((chain / "base" / "tokenizer" / "tokenizer.json").read_text())
     assert ar["model"]["vocab"] == base["model"]["vocab"]  # one tokenizer for scorer and models
     # the diagnostic: sm-iso-update's run with omega_s starting at 0.5 instead of 1e-6
     on = training_summary(plan, "sm-on")
-    assert on["recipe"].model.init == "runs/base" and on["steps"] == s["binary"]["steps"]
+    assert on["recipe"].model.init == "runs/repro-cpu-smoke/base" and on["steps"] == s["binary"]["steps"]
     assert on["omega"]["scale"][0] == pytest.approx(0.5, abs=0.05)
     assert s["sm-iso-update"]["omega"]["scale"][0] < 1e-4
 
@@ -83,8 +82,8 @@ def _table_row(text: str, label: str) -> list[str]:
 
 
 def test_main_table_is_read_from_the_sweep(chain):
-    text = (chain / "docs" / "results.md").read_text()
-    report = read_json(chain / "runs" / "sweep-mdlm" / "sweep.json")
+    text = (chain / "results.md").read_text()
+    report = read_json(chain / "sweep-mdlm" / "sweep.json")
     row = next(r for r in report["rows"] if r["decoding"] == "SM"
                and Path(r["run"]).name == "sm-iso-update")
     full, low = row["cells"][-1], row["cells"][0]
@@ -99,10 +98,10 @@ def test_main_table_is_read_from_the_sweep(chain):
 
 
 def test_switched_on_diagnostic_is_read_from_its_sweep_and_the_main_one(chain):
-    text = (chain / "docs" / "results.md").read_text()
+    text = (chain / "results.md").read_text()
     section = text.split("## Diagnostic: soft-masking switched on")[1].split("\n## ")[0]
-    main = read_json(chain / "runs" / "sweep-mdlm" / "sweep.json")
-    mine = read_json(chain / "runs" / "sm-on-sweep" / "sweep.json")
+    main = read_json(chain / "sweep-mdlm" / "sweep.json")
+    mine = read_json(chain / "sm-on-sweep" / "sweep.json")
     assert {(Path(r["run"]).name, r["decoding"]) for r in mine["rows"]} == {("sm-on", "binary"),
                                                                            ("sm-on", "SM")}
     on = next(r for r in mine["rows"] if r["decoding"] == "SM")["cells"][0]
@@ -116,7 +115,7 @@ def test_switched_on_diagnostic_is_read_from_its_sweep_and_the_main_one(chain):
 
 def test_report_follows_the_outputs_and_nothing_reruns(chain, tmp_path):
     runs = tmp_path / "runs"
-    shutil.copytree(chain / "runs", runs)
+    shutil.copytree(chain, runs)
     file = runs / "sweep-mdlm" / "sweep.json"
     report = read_json(file)
     row = next(r for r in report["rows"] if r["decoding"] == "binary"
@@ -147,10 +146,10 @@ def test_median_entropy_inverts_lambda():
 
 
 def test_lambda_diagnostics_of_the_chain_are_consistent(chain):
-    plan = reproduce.load_plan(CPU, str(chain / "runs"), smoke=True)
-    vocab = read_json(chain / "runs" / "base" / "config.json")["vocab_size"]
+    plan = reproduce.load_plan(CPU, str(chain), smoke=True)
+    vocab = read_json(chain / "base" / "config.json")["vocab_size"]
     for name in reproduce.SM_RUNS:
-        info = read_json(chain / "runs" / "lambda" / f"{name}.json")
+        info = read_json(chain / "lambda" / f"{name}.json")
         # an entropy over the vocabulary: between 0 and log V (λ fed back with the run's own ω)
         assert 0 <= report_lambda._median_entropy(info) <= math.log(vocab) + 1e-3
         final = training_summary(plan, name)["omega"]["scale"][-1]
@@ -159,7 +158,7 @@ def test_lambda_diagnostics_of_the_chain_are_consistent(chain):
 
 def test_a_missing_stage_is_reported_as_missing(chain, tmp_path):
     runs = tmp_path / "runs"
-    shutil.copytree(chain / "runs", runs)
+    shutil.copytree(chain, runs)
     shutil.rmtree(runs / "cache")
     record = read_json(runs / "stages.json")
     del record["stages"]["cache"]

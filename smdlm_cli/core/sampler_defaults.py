@@ -19,7 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from smdlm_cli.core.errors import UserError
-from smdlm_cli.core.io import atomic_write_json, read_json
+from smdlm_cli.core import validate
+from smdlm_cli.core.io import atomic_write_json
 from smdlm_cli.core.models.dream import Dream
 from smdlm_cli.core.samplers import validate_sampler_args
 
@@ -70,7 +71,4 @@ def read(run_dir: Path, model) -> dict:
     file = Path(run_dir) / FILE
     if not file.is_file():
         return for_model(model)
-    try:
-        return check(read_json(file), str(file))
-    except ValueError as e:  # not JSON
-        raise UserError(f"{file}: not valid JSON ({e})") from None
+    return check(validate.read_json(file), str(file))

@@ -34,10 +34,11 @@ def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid
     batches = batches or t.eval_batches
     seed = t.seed if seed is None else seed
     train, valid = build_corpus(recipe.data, tok, model.config.model_length, cache_dir())
-    data = valid_batches(valid if split == "valid" else train, batch_size, batches)
-    if not data:  # an NLL over 0 tokens is nan, not a result
-        raise UserError(f"--split {split}: no {batch_size}-row batch of {split} data to score; "
-                        f"expected a smaller --batch-size or more data")
+    blocks = valid if split == "valid" else train
+    if blocks.shape[0] == 0:  # an NLL over 0 tokens is nan, not a result
+        raise UserError(f"--split {split}: the run's {split} split holds no block to score; "
+                        f"expected a run whose data has a {split} split")
+    data = valid_batches(blocks, batch_size, batches)
     use_sm = softmask is not None
     ctx = Dist(device=device)
     objective = objectives.build("elbo", t, batch_layout(t, 1), ctx, model)

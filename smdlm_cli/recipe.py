@@ -90,7 +90,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     sources = [origin]
     setter: dict[tuple[str, str], int] = {}
 
-    for name, table in _read_toml(path).items():
+    for name, table in read_toml(path).items():
         if not isinstance(table, dict):
             if name in SECTIONS:
                 raise UserError(f"{origin}: {name} = {_show(table)}, expected a table [{name}]")
@@ -119,7 +119,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     return recipe
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -195,7 +195,7 @@ def load_table(path: str | Path, name: str, cls):
     """A TOML file holding the one table [name], checked against the dataclass `cls` like a recipe
     table (types, ranges, unknown keys); keys it leaves out take their defaults."""
     origin = str(path)
-    data = _read_toml(Path(path))
+    data = read_toml(Path(path))
     extra = [key for key in data if key != name]
     if extra or not isinstance(data.get(name, {}), dict):
         raise UserError(f"{origin}: unexpected {extra[0] if extra else name + ' value'}; expected "

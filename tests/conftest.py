@@ -59,3 +59,19 @@ def smoke_chain(tmp_path_factory):
     result = subprocess.run(SMOKE_ARGV, cwd=d, env=env, capture_output=True, text=True,
                             timeout=1200)
     return result, d
+
+
+SUDOKU_SMOKE_ARGV = [sys.executable, "-m", "smdlm_cli", "reproduce", "recipes/sudoku", "--smoke"]
+
+
+@pytest.fixture(scope="session")
+def sudoku_chain(tmp_path_factory):
+    """README's `smdlm reproduce recipes/sudoku` with --smoke, once per session: (result, dir)."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("sudoku-chain")
+    (d / "recipes").symlink_to(Path(__file__).parents[1] / "recipes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(SUDOKU_SMOKE_ARGV, cwd=d, env=env, capture_output=True, text=True,
+                            timeout=1200)
+    return result, d

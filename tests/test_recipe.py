@@ -194,7 +194,7 @@ def test_table_name_used_as_key(tmp_path):
     ("softmask", "prob = 1.01", "softmask.prob = 1.01, expected a number in [0, 1]"),
     ("data", "source = 3", "data.source = 3, expected a string"),
     ("data", "valid_fraction = 0", "data.valid_fraction = 0, expected a number in (0, 0.5]"),
-    ("data", "vocab_size = 259", "data.vocab_size = 259, expected an integer >= 260"),
+    ("data", "vocab_size = 257", "data.vocab_size = 257, expected an integer >= 258"),
     ("model", 'preset = "huge"',
      'model.preset = "huge", expected one of "tiny", "small", "medium"'),
     ("model", "dropout = 0.95", "model.dropout = 0.95, expected a number in [0, 0.9]"),
@@ -207,7 +207,7 @@ def test_wrong_type_or_range(tmp_path, table, line, expected):
 @pytest.mark.parametrize("table, key, value", [
     ("train", "steps", 1), ("train", "lr", 0.0), ("train", "t_max", 1.0), ("train", "ema", 0.0),
     ("data", "valid_fraction", 0.5), ("softmask", "centre", 0.0), ("softmask", "prob", 1.0),
-    ("model", "dropout", 0.9), ("data", "vocab_size", 260),
+    ("model", "dropout", 0.9), ("data", "vocab_size", 258),
 ])
 def test_range_ends_are_accepted(tmp_path, table, key, value):
     path = write(tmp_path, f"[{table}]\n{key} = {value!r}\n")

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from smdlm_cli.commands import sweep
-from smdlm_cli.commands.inspect_lambda import entropy_at
 from smdlm_cli.core.softmask import SoftMask
 from smdlm_cli.reproduce import chain as driver, report as results, report_lambda, stages as reproduce
 from smdlm_cli.reproduce.outputs import training_summary
@@ -134,15 +133,6 @@ def test_report_follows_the_outputs_and_nothing_reruns(chain, tmp_path):
     expected = sweep.fmt(sm["genppl"] - 1234.5, (sm["genppl_se"] ** 2 + 0.25 ** 2) ** 0.5)
     gen_ppl = text.split("**mdlm, gen-PPL**")[1]
     assert _table_row(gen_ppl, "SM iso-update (SM decoding) vs binary")[-1] == f"{expected} better"
-
-
-def test_median_entropy_inverts_lambda():
-    sm = SoftMask(k=3, scale=0.4, centre=-0.7, steepness=6.0)
-    lam = [float(sm.lam_from_entropy(torch.tensor(h)).detach()) for h in (3.0, 5.0)]
-    assert [entropy_at(sm, q) for q in lam] == pytest.approx([3.0, 5.0], rel=1e-4)
-    assert entropy_at(sm, 0.0) is None  # step 0 feeds nothing back
-    info = {"decode": {"entropy_q50": [None, *(entropy_at(sm, q) for q in lam)]}}
-    assert report_lambda._median_entropy(info) == pytest.approx(4.0, rel=1e-4)
 
 
 def test_lambda_diagnostics_of_the_chain_are_consistent(chain):

@@ -1,5 +1,5 @@
-"""The `smdlm evaluate` commands: humaneval, mbpp, elbo, genppl, mauve, sweep, lm-eval. Parsing
-only.
+"""The `smdlm evaluate` commands: humaneval, mbpp, sudoku, elbo, genppl, mauve, sweep, lm-eval.
+Parsing only.
 
 Each command hands over to commands/evaluate.py (sweep.py, lmeval.py), imported only when it
 runs. stdout carries the report's path, or the report itself with --json; progress and summaries
@@ -15,7 +15,8 @@ from smdlm_cli.cli.options import (AsJson, Ckpt, Device, ReportOut, Samples, Sco
 
 evaluate_app = typer.Typer(name="evaluate", no_args_is_help=True, add_completion=False,
                            pretty_exceptions_enable=False,
-                           help="Evaluate: humaneval, mbpp, elbo, genppl, mauve, sweep, lm-eval.")
+                           help="Evaluate: humaneval, mbpp, sudoku, elbo, genppl, mauve, sweep, "
+                                "lm-eval.")
 
 CODE_DECODING = ("ckpt", "nfe", "k", "sampler", "batch_size", "top_p", "temperature", "option",
                  "seed", "sm_schedule", "exact", "device")
@@ -81,6 +82,27 @@ def mbpp(samples: Samples = None, dataset: Dataset = None, fmt: Format = "base",
     _code("mbpp", decoding=decoding, samples=samples, dataset=dataset, fmt=fmt, tests=tests,
           limit=limit, num_samples=num_samples, pass_k=pass_k, max_new_tokens=max_new_tokens,
           timeout=timeout, memory_mb=memory_mb, workers=workers, out=out, as_json=as_json)
+
+
+@evaluate_app.command()
+@decoding("ckpt", "k", "sampler", "batch_size", "temperature", "option", "seed", "sm_schedule",
+          "exact", "device", batch_size=250)
+def sudoku(nfe: Annotated[str, typer.Option("--nfe", help="comma-separated denoising steps over "
+                                            "the 81 cells")] = "1,2,4,8,16,32,81",
+           seeds: Annotated[int, typer.Option("--seeds", help="sampling seeds per NFE (mean ± "
+                                              "standard error)")] = 1,
+           limit: Limit = 0, out: ReportOut = None, as_json: AsJson = False, *, decoding) -> None:
+    """Sudoku: solved % and cells right (givens excluded) of a sudoku run's held-out puzzles."""
+    from smdlm_cli.commands import evaluate as command
+
+    report, path = command.sudoku_task(decoding, ints("--nfe", nfe), seeds, limit, out)
+    lines = [f"sudoku ({report['sampler']}, k {report['k']}): {report['puzzles']} puzzles, "
+             f"{report['givens']}+ givens"]
+    for r in report["results"]:
+        se = "" if r["solved_se"] is None else f" ± {100 * r['solved_se']:.1f}"
+        lines.append(f"  NFE {r['nfe']:>3}: solved {100 * r['solved']:.1f}%{se}, cells right "
+                     f"{100 * r['cells']:.1f}%, valid {100 * r['valid']:.1f}%")
+    emit(report, path, as_json, lines)
 
 
 @evaluate_app.command()

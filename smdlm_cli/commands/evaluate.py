@@ -1,4 +1,5 @@
-"""`smdlm evaluate TASK`: humaneval, mbpp, elbo, genppl and mauve of a run (the sweep: sweep.py).
+"""`smdlm evaluate TASK`: humaneval, mbpp, elbo, genppl, mauve and sudoku of a run (the sweep:
+sweep.py).
 
 Each task loads what it needs, runs with a Rich progress bar, and writes one JSON report
 (evals/report.py) with the metrics at its top level; the CLI prints the report's path, or the
@@ -279,3 +280,32 @@ def references(refs_file: str | None, run_dir: Path | None, n: int) -> list[str]
     recipe = run_recipe(run_dir)
     tok = load_tokenizer(str(run_dir / "tokenizer"))
     return mauve_eval.reference_texts(recipe.data, tok, read_config(run_dir).model_length, n)
+
+
+# --- Sudoku -------------------------------------------------------------------------------------
+def sudoku_task(s: sample.SampleSettings, nfes: list[int], seeds: int, limit: int,
+                out: str | None) -> tuple[dict, Path]:
+    """Solved % and cells right of a sudoku run's held-out puzzles at each NFE, over `seeds`."""
+    from smdlm_cli.evals import sudoku as sudoku_eval
+
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: expected an integer >= 1")
+    if not nfes or min(nfes) < 1:
+        raise UserError(f"--nfe {','.join(map(str, nfes))}: expected positive step counts")
+    run_dir = rundir.resolve(s.ckpt)
+    recipe = run_recipe(run_dir)
+    puzzles = sudoku_eval.test_puzzles(recipe, limit)
+    run = rundir.load(run_dir, resolve_device(s.device))
+    report = new_report("sudoku", {"sampling": asdict(s), "nfe": nfes, "seeds": seeds,
+                                   "limit": limit}, run_dir)
+    report.update(puzzles=len(puzzles), givens=recipe.data.sudoku_givens, results=[])
+    with timed(report, "solve"), progress("sudoku", len(puzzles) * seeds * len(nfes)) as advance:
+        for nfe in nfes:
+            kw = sample.decode_settings(replace(s, nfe=nfe), run)
+            report["sampler"], report["k"] = kw.pop("sampler"), (kw["softmask"].k if kw["softmask"]
+                                                                 else 0)
+            kw.pop("nfe")
+            result = sudoku_eval.solve(run.model, run.tokenizer, puzzles, nfe, seeds,
+                                       {"sampler": report["sampler"], **kw}, advance)
+            report["results"].append(result)
+    return report, write_report(report, report_path("sudoku", out, run_dir))

@@ -27,15 +27,17 @@ DECODE_KEYS = ("lam_mean", "lam_q10", "lam_q50", "lam_q90", "lam_share_gt_0.1")
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
-def load_target(target: str | None) -> tuple[Path, SoftMask, int, bool]:
-    """(path, SoftMask, vocabulary size, is a run directory) for a run directory or a JSON file."""
+def load_target(target: str | None, decode: bool = False) -> tuple[Path, SoftMask | None, int, bool]:
+    """(path, SoftMask, vocabulary size, is a run directory) for a run directory or a JSON file.
+    With `decode` a binary run is allowed (SoftMask None): its decoding entropies are measured."""
     path = checkpoint.find_latest_run("runs") if target is None else Path(target)
     if not path.exists():
         raise UserError(f"{path}: no such run directory or JSON file")
     softmask = checkpoint.load_softmask(path)
-    if softmask is None:
+    if softmask is None and not (decode and path.is_dir()):
         raise UserError(f"{path}: no soft-masking parameters (a binary run); expected a run trained "
-                        f"with [softmask] enabled = true, or a softmask/transparency_config JSON")
+                        f"with [softmask] enabled = true, a softmask/transparency_config JSON, or "
+                        f"--decode (a binary run's decoding entropies)")
     vocab = GPT2_MDLM_VOCAB
     if path.is_dir() and (path / "config.json").exists():
         vocab = read_config(path).vocab_size
@@ -118,7 +120,7 @@ def plot_decode(stats: dict, file: Path, title: str) -> None:
     steps = range(len(stats["lam_mean"]))
     nan = float("nan")
     get = lambda key: [nan if v is None else v for v in stats[key]]  # noqa: E731
-    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
     a.fill_between(steps, get("lam_q10"), get("lam_q90"), alpha=0.3, label="q10–q90")
     a.plot(steps, get("lam_mean"), label="mean")
     a.plot(steps, get("lam_q50"), ls="--", label="median")
@@ -128,14 +130,17 @@ def plot_decode(stats: dict, file: Path, title: str) -> None:
         a.set_yscale("log")
     a.legend()
     b.plot(steps, get("lam_share_gt_0.1"))
-    b.set(xlabel="decoding step", ylabel="share of masks with λ > 0.1", ylim=(0.0, 1.0))
+    b.set(ylabel="share of masks with λ > 0.1", ylim=(0.0, 1.0))
+    c.plot(steps, get("entropy_q50"), marker=".")
+    c.set(xlabel="decoding step", ylabel="median H(p) fed back (nats)", ylim=(0.0, None))
     file.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(file, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def decode_stats(run_dir: Path, sampling) -> dict:
-    """λ statistics per decoding step of a sampling pass (SampleSettings) with SM feedback."""
+    """λ statistics per decoding step of a sampling pass (SampleSettings), and the entropy of the
+    predictions fed back (measured, not read off λ: it is defined for binary decoding too)."""
     from dataclasses import replace
 
     from smdlm_cli.commands.sample import generate
@@ -143,29 +148,18 @@ def decode_stats(run_dir: Path, sampling) -> dict:
     settings = replace(sampling, ckpt=str(run_dir), batch_size=sampling.num_samples)
     *_, trace = generate(settings, trace=True)
     clean = lambda v: None if math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
-    stats = {key: [clean(v) for v in trace[key]] for key in DECODE_KEYS}
+    stats = {key: [clean(v) for v in trace[key]] for key in (*DECODE_KEYS, "entropy_q50")}
     stats["forward"] = trace["forward"]
-    softmask = checkpoint.load_softmask(run_dir)
-    stats["entropy_q50"] = [None if q is None else entropy_at(softmask, q) for q in stats["lam_q50"]]
+    stats["entropy_fed_back_median"] = clean(trace["entropy_fed_back_median"])
+    stats["entropy_fed_back_count"] = trace["entropy_fed_back_count"]
     return stats
-
-
-def entropy_at(softmask: SoftMask, lam: float) -> float | None:
-    """The entropy H at which λ(H) = lam (λ is monotone in H): the median entropy of what was fed
-    back, from λ's median. None where lam is 0 or ω_s (nothing fed back, or saturated)."""
-    with torch.no_grad():
-        scale, centre, steep = float(softmask.scale), float(softmask.centre), float(softmask.steepness)
-    if not 0 < lam < scale:
-        return None
-    p = lam / scale
-    return -centre - (math.log(p) - math.log1p(-p)) / steep
 
 
 def run(target: str | None, *, png: Path | None = None, decode: bool = False, sampling=None,
         decode_png: Path | None = None) -> tuple[dict, Path]:
     """The report (the `--json` output) and the checkpoint it describes; writes the PNGs."""
-    path, softmask, vocab, is_run = load_target(target)
-    info = describe(softmask, vocab)
+    path, softmask, vocab, is_run = load_target(target, decode)
+    info = describe(softmask, vocab) if softmask is not None else {"vocab_size": vocab, "binary": True}
     base = path if is_run else path.parent
     png = check_output(png, "--png") if png else base / ("lambda.png" if is_run else
                                                            f"{path.stem}-lambda.png")
@@ -180,8 +174,9 @@ def run(target: str | None, *, png: Path | None = None, decode: bool = False, sa
                     f"{sampling.sampler or 'mdlm'} sampler, NFE {sampling.nfe}, "
                     f"{sampling.num_samples} samples")
         err.print(f"λ over decoding steps written to {decode_png}")
-    plot_curve(info, png)
-    err.print(f"λ curve written to {png}")
+    if softmask is not None:
+        plot_curve(info, png)
+        err.print(f"λ curve written to {png}")
     return info, path
 
 
@@ -194,6 +189,15 @@ def table_steps(n: int, rows: int = 12) -> list[int]:
 
 def show(info: dict, path: Path, console: Console) -> None:
     """The report for people: ω table, key points, terminal curve, decoding table."""
+    if not info.get("binary"):
+        _show_omega(info, path, console)
+    else:
+        console.print(f"{path} is a binary run: no λ; the predictions soft-masking would feed back:")
+    if "decode" in info:
+        _show_decode(info["decode"], console)
+
+
+def _show_omega(info: dict, path: Path, console: Console) -> None:
     table = Table(title=f"soft-masking of {path}")
     for col in ("ω", "value", "raw parameter"):
         table.add_column(col)
@@ -213,19 +217,22 @@ def show(info: dict, path: Path, console: Console) -> None:
                   f"nats {kp['lambda_at_max_entropy']:.3g}")
     console.print("λ against the entropy of the prediction:")
     console.print(text_plot(info["curve"], top=info["scale"] or None))
-    if "decode" in info:
-        d = info["decode"]
-        steps = Table(title="λ over decoding steps (masked positions)")
-        for col in ("step", "mean", "q10", "q50", "q90", "share λ>0.1"):
-            steps.add_column(col, justify="right")
-        fmt = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
-        shown = table_steps(len(d["lam_mean"]))
-        for i in shown:
-            steps.add_row(str(i), *(fmt(d[key][i]) for key in DECODE_KEYS))
-        console.print(steps)
-        if len(shown) < len(d["lam_mean"]):
-            console.print(f"{len(shown)} of {len(d['lam_mean'])} steps shown; --json has every step")
-        top = max((v for v in d["lam_q90"] if v is not None), default=0.0)
-        if top < 1e-3:
-            console.print(f"λ stays below {top:.2g} at 90% of the masks: the predictions fed back "
-                          f"are too unsure for this ω (see the entropies marked on the λ plot)")
+
+
+def _show_decode(d: dict, console: Console) -> None:
+    steps = Table(title="λ over decoding steps (masked positions) and H(p) fed back")
+    for col in ("step", "mean", "q10", "q50", "q90", "share λ>0.1", "median H fed back"):
+        steps.add_column(col, justify="right")
+    fmt = lambda v: "—" if v is None else f"{v:.3g}"  # noqa: E731
+    shown = table_steps(len(d["lam_mean"]))
+    for i in shown:
+        steps.add_row(str(i), *(fmt(d[key][i]) for key in (*DECODE_KEYS, "entropy_q50")))
+    console.print(steps)
+    console.print(f"median entropy of the {d['entropy_fed_back_count']} predictions fed back: "
+                  f"{fmt(d['entropy_fed_back_median'])} nats")
+    if len(shown) < len(d["lam_mean"]):
+        console.print(f"{len(shown)} of {len(d['lam_mean'])} steps shown; --json has every step")
+    top = max((v for v in d["lam_q90"] if v is not None), default=0.0)
+    if top < 1e-3 and any(v is not None for v in d["lam_q90"]):
+        console.print(f"λ stays below {top:.2g} at 90% of the masks: the predictions fed back "
+                      f"are too unsure for this ω (see the entropies marked on the λ plot)")

@@ -16,7 +16,7 @@ import torch
 from smdlm_cli.commands.training import console, train
 from smdlm_cli.core import checkpoint
 from smdlm_cli.core.config import Recipe
-from smdlm_cli.core.data import (BlockLoader, build_corpus, cache_dir, iter_documents,
+from smdlm_cli.core.data import (BlockLoader, build_corpus, cache_dir, iter_documents, prompt_length,
                                  valid_batches)
 from smdlm_cli.core.distributed import Dist, barrier, batch_layout, validation_batch
 from smdlm_cli.core.errors import UserError
@@ -91,9 +91,10 @@ def _model(recipe: Recipe, run_dir: Path, resume: bool, tok, main: bool):
 
 def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool) -> Path:
     """Train the recipe's model into its run directory; returns the directory."""
+    prompt = prompt_length(recipe.data)  # Sudoku's givens: a condition, never masked
     return train(recipe, recipe_path, out, resume, "pretrain",
                  lambda run_dir, resume, ctx: _setup(recipe, run_dir, resume, ctx),
-                 finish=_next_steps)
+                 finish=_next_steps, objective_options={"prompt": prompt} if prompt else None)
 
 
 def _setup(recipe: Recipe, run_dir: Path, resume: bool, ctx: Dist):

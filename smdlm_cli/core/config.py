@@ -43,8 +43,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("python-stdlib", "python-stdlib (the interpreter's own .py files), an HF dataset "
-                                       "name, or a local .txt/.jsonl/.parquet file or directory")
+    source: str = opt("python-stdlib", "python-stdlib (the interpreter's own .py files), sudoku "
+                                       "(generated puzzles), an HF dataset name, or a local "
+                                       ".txt/.jsonl/.parquet file or directory")
     subset: str = opt("", "HF dataset configuration name")
     split: str = opt("train", "HF split for training (slices allowed: train[:-100000])")
     valid_split: str = opt("", "HF split for validation; empty = hold out valid_fraction of documents")
@@ -56,7 +57,12 @@ class DataConfig:
     max_docs: int = opt(0, "use at most this many training documents; 0 = all", lo=0)
     tokenizer: str = opt("bpe", "bpe = train a byte-level BPE on the corpus, offline; "
                                 "otherwise an HF tokenizer name or path (gpt2)")
-    vocab_size: int = opt(4096, "vocabulary of the trained BPE, special tokens included", lo=260)
+    vocab_size: int = opt(4096, "vocabulary of the trained BPE, special tokens included; 258 = plain "
+                                "bytes (256 + <|endoftext|> + [MASK], no merges)", lo=258)
+    sudoku_givens: int = opt(36, "source sudoku: givens per puzzle (at least; a few more where "
+                                 "uniqueness needs them); fewer is harder", lo=17, hi=80)
+    sudoku_train: int = opt(100_000, "source sudoku: training puzzles", lo=1)
+    sudoku_test: int = opt(1000, "source sudoku: held-out puzzles of `smdlm evaluate sudoku`", lo=1)
 
 
 @dataclass
@@ -154,6 +160,20 @@ class ReproduceConfig:
                            lo=0.0, hi=1.0, lo_open=True)
     temperature: float = opt(1.0, "sampling temperature of the caching study (0 = argmax, which "
                                   "makes every unconditional sample the same)", lo=0.0)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class SudokuReproduceConfig:
+    """[sudoku] of DIR/reproduce.toml: how `smdlm reproduce DIR` evaluates a Sudoku chain."""
+    runs: str = opt("runs/sudoku", "directory of the trained runs and every evaluation output")
+    report: str = opt("docs/results-sudoku.md", "the Markdown report (its JSON figures and plots "
+                                                "go beside it)")
+    samplers: list[str] = opt(["mdlm", "confidence"], "samplers of the table, one evaluation each")
+    nfe: list[int] = opt([1, 2, 4, 8, 16, 32, 81], "denoising steps over the 81 cells")
+    seeds: int = opt(3, "sampling seeds per cell: mean and standard error", lo=1)
+    limit: int = opt(0, "test puzzles per cell; 0 = all of data.sudoku_test", lo=0)
+    batch_size: int = opt(250, "puzzles decoded together", lo=1)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
 

@@ -23,10 +23,12 @@ from torch import Tensor
 from smdlm_cli.core import hub
 from smdlm_cli.core.config import DataConfig
 from smdlm_cli.core.errors import UserError
-from smdlm_cli.core.io import atomic_save_tensors, load_tensors
+from smdlm_cli.core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from smdlm_cli.core.loader import ShardedLoader, validation_chunks
 
 STDLIB = "python-stdlib"
+SUDOKU = "sudoku"
+SUDOKU_VALID = 512  # validation puzzles: a stream of their own, disjoint from train and test
 _BUCKETS = 10_000
 
 
@@ -95,6 +97,8 @@ def _hub(cfg: DataConfig, split: str) -> Iterator[str]:
 
 def iter_documents(cfg: DataConfig, split: str) -> Iterator[str]:
     """The documents (strings) of the "train" or "valid" split of cfg.source."""
+    if cfg.source == SUDOKU:
+        return (g + s for g, s in sudoku_split(cfg, split))
     if cfg.source == STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"])
         return _split(((str(p.relative_to(root)), p) for p in stdlib_files()), cfg, split)
@@ -131,7 +135,8 @@ def _cache_key(cfg: DataConfig, tok, length: int) -> str:
     h = hashlib.sha256()
     # "split-2": local sources are split by paths relative to the source (older caches are stale).
     for part in ("split-2", cfg.source, cfg.subset, cfg.split, cfg.valid_split, cfg.valid_fraction,
-                 cfg.text_field, cfg.max_docs, length, tok.backend_tokenizer.to_str()):
+                 cfg.text_field, cfg.max_docs, length, tok.backend_tokenizer.to_str(),
+                 *((cfg.sudoku_givens, cfg.sudoku_train) if cfg.source == SUDOKU else ())):
         h.update(repr(part).encode() + b"\0")
     return h.hexdigest()[:24]
 
@@ -141,13 +146,55 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SMDLM_CACHE", Path.home() / ".cache" / "smdlm")) / "data"
 
 
+def sudoku_split(cfg: DataConfig, split: str) -> list[tuple[str, str]]:
+    """(givens, solution) strings of a sudoku split, generated once and cached as JSON."""
+    n = {"train": cfg.sudoku_train, "valid": SUDOKU_VALID, "test": cfg.sudoku_test}[split]
+    file = cache_dir() / f"sudoku-{cfg.sudoku_givens}-{split}-{n}.json"
+    if file.exists():
+        return [tuple(p) for p in read_json(file)]
+    from smdlm_cli.core import sudoku
+
+    out = sudoku.generate(split, n, cfg.sudoku_givens)
+    atomic_write_json(file, out)
+    return out
+
+
+def prompt_length(cfg: DataConfig) -> int:
+    """Tokens at the start of every block that are a prompt, never masked: [BOS] + the givens."""
+    return 1 + 81 if cfg.source == SUDOKU else 0
+
+
+def sudoku_blocks(cfg: DataConfig, tok, length: int, split: str) -> Tensor:
+    """int32 (N, 163): [BOS] + givens + solution, one puzzle a block, one token a cell."""
+    if length != 163:
+        raise UserError(f"model.length = {length}: a sudoku block is 163 tokens ([BOS], 81 givens, "
+                        f"81 solution cells); expected model.length = 163")
+    rows = []
+    for givens, solution in sudoku_split(cfg, split):
+        ids = [tok.bos_token_id] + _ids(tok, givens) + _ids(tok, solution)
+        if len(ids) != length:
+            raise UserError(f"data.tokenizer = {cfg.tokenizer!r}: a sudoku cell must be one token; "
+                            f"expected a plain byte tokenizer (data.tokenizer = \"bpe\", "
+                            f"data.vocab_size = 258)")
+        rows.append(ids)
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
 def build_corpus(cfg: DataConfig, tok, length: int, cache_dir: Path) -> tuple[Tensor, Tensor]:
     """(train, valid) int32 blocks, packed once and then read from cache_dir."""
     file = Path(cache_dir) / f"blocks-{_cache_key(cfg, tok, length)}.safetensors"
     if file.exists():
         cached = load_tensors(file)
         return cached["train"], cached["valid"]
-    out = {split: pack_blocks(iter_documents(cfg, split), tok, length) for split in ("train", "valid")}
+    if cfg.source == SUDOKU:
+        out = {split: sudoku_blocks(cfg, tok, length, split) for split in ("train", "valid")}
+    else:
+        out = {split: pack_blocks(iter_documents(cfg, split), tok, length)
+               for split in ("train", "valid")}
     for split, blocks in out.items():
         if blocks.shape[0] == 0:
             name = "validation" if split == "valid" else "training"

@@ -140,7 +140,7 @@ def preflight(needs: list[tuple[str, str, str]]) -> None:
     _CHECKED.add(remote)
 
 
-BUILTIN_SOURCES = ("python-stdlib", "python-functions")
+BUILTIN_SOURCES = ("python-stdlib", "python-functions", "sudoku")
 BUILTIN_BASES = ("tiny-dream", "tiny-llada")
 
 

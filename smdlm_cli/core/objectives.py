@@ -54,12 +54,21 @@ class Noised:
 
 
 class Diffusion:
-    """The MDLM ELBO on packed blocks (B, L)."""
+    """The MDLM ELBO on packed blocks (B, L). With `prompt` P > 0 the first P tokens of every block
+    are a condition (a Sudoku's [BOS] + givens): never masked, and the ELBO is per token of the
+    rest, the part a model generates."""
 
-    def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int):
+    def __init__(self, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, mask_id: int, length: int,
+                 prompt: int = 0):
         self.cfg, self.layout, self.ctx = cfg, layout, ctx
-        self.mask_id, self.length = mask_id, length
+        self.mask_id, self.length, self.prompt = mask_id, length, prompt
         self.times = self.noise = None
+
+    def _q_xt(self, x0: Tensor, t: Tensor, **noise) -> Tensor:
+        maskable = None
+        if self.prompt:
+            maskable = (torch.arange(x0.shape[1], device=x0.device) >= self.prompt).expand_as(x0)
+        return diffusion.q_xt(x0, t, self.mask_id, maskable=maskable, **noise)
 
     def begin_step(self, step: int) -> None:
         cfg, lay, dev = self.cfg, self.layout, self.ctx.device
@@ -74,25 +83,25 @@ class Diffusion:
     def micro(self, batch: Tensor, step: int, m: int) -> Noised:
         r = self.ctx.rank
         t = self.times[m, :, r]
-        return Noised(batch, diffusion.q_xt(batch, t, self.mask_id, u=self.noise[m, :, r]), t)
+        return Noised(batch, self._q_xt(batch, t, u=self.noise[m, :, r]), t)
 
     def nll(self, logits: Tensor, n: Noised) -> Tensor:
         return diffusion.elbo_per_token(logits, n.x0, n.xt, n.t, self.mask_id)
 
     def loss(self, logits: Tensor, n: Noised) -> Tensor:
-        return self.nll(logits, n).sum() / (self.layout.per_rank * self.length)
+        return self.nll(logits, n).sum() / (self.layout.per_rank * (self.length - self.prompt))
 
     def validation_input(self, batch: Tensor, i: int, n_batches: int, seed: int) -> Noised:
         """Global batch i with its fixed times and masks (rank 0's seed, as a single process)."""
         g = generator(self.ctx.device, seed, VALIDATION, i, 0)
         t = diffusion.sample_t(batch.shape[0], generator=g, device=self.ctx.device)
-        return Noised(batch, diffusion.q_xt(batch, t, self.mask_id, generator=g), t)
+        return Noised(batch, self._q_xt(batch, t, generator=g), t)
 
     def terms(self, logits: Tensor, n: Noised) -> Tensor:
         """(summed nll, tokens it is over) of this rank's rows of one validation batch."""
         nll = self.nll(logits, n).sum()
-        return torch.stack([nll.double(), torch.tensor(n.x0.numel(), dtype=torch.float64,
-                                                       device=nll.device)])
+        scored = n.x0.shape[0] * (n.x0.shape[1] - self.prompt)
+        return torch.stack([nll.double(), torch.tensor(scored, dtype=torch.float64, device=nll.device)])
 
 
 class Autoregressive(Diffusion):
@@ -176,13 +185,15 @@ OBJECTIVES = {"elbo": Diffusion, "ar": Autoregressive, "sft": SFT}
 def build(name: str, cfg: TrainConfig, layout: BatchLayout, ctx: Dist, backbone,
           options: dict | None = None) -> Diffusion | SFT:
     """The objective `name` for this backbone; "elbo" means the AR loss for a causal model.
-    `options`: keyword arguments of the SFT objective (sum_micro_batches, validation_sm_share)."""
+    `options`: keyword arguments of the SFT objective (sum_micro_batches, validation_sm_share), or
+    of the ELBO (prompt)."""
     if name == "elbo" and getattr(backbone.config, "causal", False):
         name = "ar"
     if name == "sft":
         return SFT(cfg, layout, ctx, backbone.mask_id, backbone.config.model_length,
                    diffusion.keeps_mask(backbone), **(options or {}))
-    return OBJECTIVES[name](cfg, layout, ctx, backbone.mask_id, backbone.config.model_length)
+    return OBJECTIVES[name](cfg, layout, ctx, backbone.mask_id, backbone.config.model_length,
+                            **(options or {}))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 
 from smdlm_cli.core import objectives
 from smdlm_cli.core.distributed import Dist, batch_layout, validation_batch
-from smdlm_cli.core.data import build_corpus, cache_dir, valid_batches
+from smdlm_cli.core.data import build_corpus, cache_dir, prompt_length, valid_batches
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.twopass import TwoPass
 
@@ -41,7 +41,9 @@ def elbo(model, softmask, tok, recipe, device: torch.device, split: str = "valid
     data = valid_batches(blocks, batch_size, batches)
     use_sm = softmask is not None
     ctx = Dist(device=device)
-    objective = objectives.build("elbo", t, batch_layout(t, 1), ctx, model)
+    prompt = prompt_length(recipe.data)
+    objective = objectives.build("elbo", t, batch_layout(t, 1), ctx, model,
+                                 {"prompt": prompt} if prompt else None)
     out = objectives.validate(TwoPass(model, softmask).to(device), objective, data, use_sm, seed,
                               t.precision, on_batch)
     return {"nll": out["val_nll"], "ppl": out["val_ppl"], "bpd": out["val_bpd"],

@@ -18,7 +18,9 @@ from pathlib import Path
 from smdlm_cli.core.checkpoint import latest_state
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_bytes, atomic_write_json, read_json
-from smdlm_cli.reproduce.stages import TRAIN, Plan, commands, load_plan, needs, shown
+from smdlm_cli.recipe import read_toml
+from smdlm_cli.reproduce import stages, sudoku_stages
+from smdlm_cli.reproduce.stages import shown
 
 
 def _machine() -> dict:
@@ -52,7 +54,15 @@ def _call(argv: list[str], stage: str, stdout_file: Path | None = None) -> None:
         atomic_write_bytes(stdout_file, result.stdout)
 
 
-def _prepare_training(plan: Plan, stage: str, argv: list[str]) -> list[str]:
+def planner(directory: str | Path):
+    """The plan module of a reproduction directory: Sudoku when reproduce.toml holds [sudoku]."""
+    file = Path(directory) / "reproduce.toml"
+    if file.is_file() and "sudoku" in read_toml(file):
+        return sudoku_stages
+    return stages
+
+
+def _prepare_training(plan, stage: str, argv: list[str]) -> list[str]:
     """Resume a run an earlier attempt left behind; one killed before its first save starts over."""
     out = plan.runs / stage
     if latest_state(out) is not None:
@@ -64,11 +74,11 @@ def _prepare_training(plan: Plan, stage: str, argv: list[str]) -> list[str]:
     return argv
 
 
-def run_stage(plan: Plan, stage: str) -> list[str]:
+def run_stage(plan, stage: str) -> list[str]:
     """Run one stage (not the report); returns the commands it ran, as shown to users."""
     ran = []
-    for argv in commands(plan, stage):
-        if stage in TRAIN:
+    for argv in planner(plan.directory).commands(plan, stage):
+        if stage in plan.train:
             argv = _prepare_training(plan, stage, argv)
         # inspect-lambda --json prints its report on stdout: kept as lambda/<run>.json
         json_out = plan.runs / "lambda" / f"{Path(argv[1]).name}.json" if stage == "lambda" else None
@@ -81,7 +91,11 @@ def run(directory: str | Path, stages: list[str] | None = None, runs: str | None
         report: str | None = None, smoke: bool = False) -> Path | None:
     """Run the chain (or the named stages, in chain order); returns the report's path, or None
     when the report was not among the stages."""
-    plan = load_plan(directory, runs, report, smoke)
+    if not Path(directory).is_dir():
+        raise UserError(f"{directory}: no such directory; expected a reproduction directory such as "
+                        f"recipes/repro/cpu or recipes/sudoku")
+    kind = planner(directory)
+    plan = kind.load_plan(directory, runs, report, smoke)
     for s in stages or []:
         if s not in plan.stages:
             raise UserError(f"--stage {s}: unknown stage; expected one of {', '.join(plan.stages)}")
@@ -100,7 +114,7 @@ def run(directory: str | Path, stages: list[str] | None = None, runs: str | None
         if stage in done:
             print(f"[{stage}] done earlier ({done[stage]['seconds']:.0f} s): skipped", file=sys.stderr)
             continue
-        missing = [n for n in needs(plan, stage) if n not in done and n not in todo]
+        missing = [n for n in kind.needs(plan, stage) if n not in done and n not in todo]
         if missing:
             raise UserError(f"--stage {stage}: needs the outputs of stage {', '.join(missing)}; "
                             f"run it first (or leave out --stage)")
@@ -111,7 +125,9 @@ def run(directory: str | Path, stages: list[str] | None = None, runs: str | None
                        "machine": record["machine"]}  # a resumed chain may change machines
         atomic_write_json(record_file, record)
     if "report" in todo:
-        from smdlm_cli.reproduce import report
-
+        if kind is sudoku_stages:
+            from smdlm_cli.reproduce import report_sudoku as report
+        else:
+            from smdlm_cli.reproduce import report
         return report.write(plan, record)
     return None

@@ -83,10 +83,9 @@ def _weight_difference(a: Path, b: Path) -> tuple[float, float] | None:
 
 
 def _median_entropy(info: dict) -> float | None:
-    """Mean over decoding steps of the median entropy of the masked predictions fed back, as
-    inspect-lambda recorded it (steps with nothing fed back are None and left out)."""
-    hs = [h for h in info["decode"].get("entropy_q50", []) if h is not None]
-    return sum(hs) / len(hs) if hs else None
+    """The median entropy of the masked predictions fed back while decoding, pooled over steps and
+    positions, as inspect-lambda measured it."""
+    return info["decode"].get("entropy_fed_back_median")
 
 
 def _logit(p: float) -> float:

@@ -55,6 +55,8 @@ class Plan:
     cfg: ReproduceConfig
     recipes: dict[str, Recipe]      # the training recipes, as they will run
     smoke: bool
+    kind = "lm"
+    train = TRAIN
 
     @property
     def runs(self) -> Path:

@@ -196,12 +196,13 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
             logits = model(inputs_embeds=emb, attention_mask=model_mask)
         return subs_log_probs(logits, x, mask_id, keep), lam, is_mask
 
-    snapshots, lam_log = [x], []  # filled only with trace=True
+    snapshots, lam_log, ent_log = [x], [], []  # filled only with trace=True
 
-    def record(x: Tensor, lam_entry) -> None:
+    def record(x: Tensor, lam_entry, ent: Tensor | None = None) -> None:
         if trace:
             snapshots.append(x)
             lam_log.append(lam_entry)
+            ent_log.append(ent)
 
     done = 0  # steps finished
     was_training = model.training
@@ -226,7 +227,10 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
                     x = transition.step(i, x, logp, rows)
                 if fb is not None and n + 1 < len(forward_steps):
                     fb.update(logp, x, fb_rows[i], fb_counts[i])
-                record(x, (lam, is_mask))
+                # H(p) where a later forward reads the prediction back (SM) or forgets it (binary)
+                ent = (torch.special.entr(logp.exp()).sum(-1)
+                       if trace and n + 1 < len(forward_steps) else None)
+                record(x, (lam, is_mask), ent)
                 done = i + 1
             for _ in range(done, steps):
                 record(x, None)
@@ -234,12 +238,13 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
         model.train(was_training)
 
     skipped = steps - sum(run)
-    info = _trace(snapshots, lam_log, run, final, bool(settle), mask_id, real) if trace else None
+    info = (_trace(snapshots, lam_log, ent_log, run, final, bool(settle), mask_id, real)
+            if trace else None)
     return DecodeResult(x, len(forward_steps), steps, skipped, info)
 
 
-def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool, settle: bool,
-           mask_id: int, real: Tensor) -> dict:
+def _trace(snapshots: list[Tensor], lam_log: list, ent_log: list, run: list[bool], final: bool,
+           settle: bool, mask_id: int, real: Tensor) -> dict:
     """Per-step decoding record, computed after the loop (the loop only kept device tensors).
 
     tokens (steps + 1, B, L) on the CPU (state before each step, then the result before noise
@@ -277,5 +282,18 @@ def _trace(snapshots: list[Tensor], lam_log: list, run: list[bool], final: bool,
             stats[key].append(float(vals.nanquantile(q)) if has else nan)
         stats["lam_share_gt_0.1"].append(float((vals > 0.1).sum() / is_mask.sum()) if has else nan)
     out.update(stats)
+    out.update(_fed_back_entropy(ent_log, masked[1:]))
     out["lam"] = torch.stack(lam_maps) if lam_maps else torch.zeros(0, *tokens.shape[1:])
     return out
+
+
+def _fed_back_entropy(ent_log: list, masked_after: Tensor) -> dict:
+    per_step, pooled = [], []
+    for ent, left in zip(ent_log, masked_after):
+        h = ent.float().cpu()[left] if ent is not None else torch.zeros(0)
+        per_step.append(float(h.median()) if h.numel() else float("nan"))
+        pooled.append(h)
+    pooled = torch.cat(pooled) if pooled else torch.zeros(0)
+    return {"entropy_q50": per_step, "entropy_fed_back_median":
+            float(pooled.median()) if pooled.numel() else float("nan"),
+            "entropy_fed_back_count": int(pooled.numel())}

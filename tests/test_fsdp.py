@@ -11,20 +11,23 @@ equals the uninterrupted FSDP run exactly.
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dream_fixtures import write_chat_base
+from test_finetune import ROWS
 from test_trainer import _free_port, corpus, setup
 from smdlm_cli.core import trainer
 from smdlm_cli.core.config import SoftMaskConfig
 from smdlm_cli.core.data import BlockLoader
 from smdlm_cli.core.distributed import distributed
 from smdlm_cli.core.io import load_tensors
+from smdlm_cli.recipe import load_recipe
+
+ROOT = Path(__file__).parents[1]
 
 # name -> (soft-masked?, train settings)
 RUNS = {
@@ -46,6 +49,20 @@ def _train(name: str, out: Path, ctx, resume=False, on_step=None, sm_prob=0.5) -
                 [corpus(4).long()], out / name, ctx, resume=resume, on_step=on_step)
 
 
+def _finetune(name: str, out: Path) -> None:
+    """recipes/tiny-dream.toml's DoRA + SM fine-tune of the tiny Dream fixture, --merge, under the
+    strategy the name ends with."""
+    from smdlm_cli.commands import finetune
+
+    base, data = out / "base" / "dream", out / "sft.jsonl"
+    overrides = [f"model.init={base}", f"data.source={data}", "data.valid_fraction=0.2",
+                 "train.steps=2", "train.batch_size=4", "train.eval_every=2", "train.save_every=2",
+                 "train.eval_batches=1", "finetune.max_length=160", "finetune.pad_jitter=4",
+                 f"train.strategy={name.split('-')[1]}"]
+    recipe = ROOT / "recipes" / "tiny-dream.toml"
+    finetune.run(load_recipe(recipe, overrides), recipe, out / name, resume=False, merge=True)
+
+
 def _worker(rank: int, port: int, jobs: list[tuple[str, str, bool]], kill_at: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
                       RANK=str(rank), LOCAL_RANK=str(rank))
@@ -57,7 +74,10 @@ def _worker(rank: int, port: int, jobs: list[tuple[str, str, bool]], kill_at: in
 
     with distributed("cpu") as ctx:
         for name, out, resume in jobs:
-            _train(name, Path(out), ctx, resume=resume, on_step=kill if kill_at else None)
+            if name.startswith("finetune-"):
+                _finetune(name, Path(out))
+            else:
+                _train(name, Path(out), ctx, resume=resume, on_step=kill if kill_at else None)
 
 
 def spawn(jobs: list[tuple[str, Path, bool]], kill_at: int = 0) -> None:
@@ -79,7 +99,10 @@ def runs(tmp_path_factory):
         spawn([("fsdp-sm", out / "killed", False)], kill_at=KILL_AT)
     (out / "killed" / "latest-at-kill").write_text((out / "killed" / "fsdp-sm" / "state" /
                                                      "latest").read_text())
-    spawn([(name, out, False) for name in RUNS] + [("fsdp-sm", out / "killed", True)])
+    write_chat_base(out / "base" / "dream")
+    (out / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    spawn([(name, out, False) for name in RUNS] + [("fsdp-sm", out / "killed", True)]
+          + [(name, out, False) for name in ("finetune-ddp", "finetune-fsdp")])
     return out
 
 
@@ -140,3 +163,21 @@ def test_fsdp_resumes_exactly_after_a_sigkill(runs):
     logs = [[{k: v for k, v in json.loads(x).items() if k not in drop}
              for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (runs / "fsdp-sm", run)]
     assert logs[0] == logs[1]
+
+
+def test_dora_finetune_under_fsdp_equals_ddp(runs):
+    ddp, fsdp = runs / "finetune-ddp", runs / "finetune-fsdp"
+    state = sorted(p.name for p in (fsdp / "state" / "step-0000002").iterdir())
+    assert "weights.rank1.safetensors" in state and "weights.safetensors" not in state
+    shard = load_tensors(fsdp / "state" / "step-0000002" / "weights.rank0.safetensors")
+    assert shard and all("lora" in k or "softmask" in k for k in shard)  # never the frozen base
+    for name in ("adapter/adapter_model.safetensors", "model.safetensors"):  # --merge's output too
+        a, b = load_tensors(ddp / name), load_tensors(fsdp / name)
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
+    adapter = load_tensors(fsdp / "adapter" / "adapter_model.safetensors")
+    assert any("magnitude" in k for k in adapter)                                   # DoRA
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())     # it trained
+    assert json.loads((fsdp / "softmask.json").read_text()) == \
+        json.loads((ddp / "softmask.json").read_text())

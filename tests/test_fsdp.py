@@ -8,6 +8,7 @@ agree to float rounding, not bit for bit: 2e-5 absolute after 6 AdamW steps at l
 equals the uninterrupted FSDP run exactly.
 """
 
+import functools
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ RUNS = {
     "ddp-binary": (False, {"strategy": "ddp", "micro_batch_size": 1}),
     "fsdp-binary": (False, {"strategy": "fsdp", "micro_batch_size": 1}),
     "fsdp-offload": (True, {"strategy": "fsdp", "fsdp_offload": True}),
+    "fsdp-compiled": (True, {"strategy": "fsdp", "compile": True}),  # aot_eager: no C++ builds
 }
 KILL_AT = 5  # rank 0 kills itself at its step-5 log line: the state of step 3 is the last saved
 
@@ -45,8 +47,17 @@ def _train(name: str, out: Path, ctx, resume=False, on_step=None, sm_prob=0.5) -
     sm, train = RUNS[name]
     backbone, softmask, cfg = setup(sm, steps=6, batch_size=4, eval_every=3, save_every=3, **train)
     loader = BlockLoader(corpus(), cfg.micro_batch_size or 2, cfg.seed, ctx.rank, ctx.world)
-    trainer.fit(backbone, softmask, cfg, SoftMaskConfig(prob=sm_prob), loader,
-                [corpus(4).long()], out / name, ctx, resume=resume, on_step=on_step)
+    # the second validation batch has one row: rank 1 has none of it (under FSDP it must still
+    # take part in the forward)
+    valid = [corpus(4).long(), corpus(1, seed=3).long()]
+    compile_ = torch.compile
+    if cfg.compile:
+        torch.compile = functools.partial(compile_, backend="aot_eager")
+    try:
+        trainer.fit(backbone, softmask, cfg, SoftMaskConfig(prob=sm_prob), loader, valid,
+                    out / name, ctx, resume=resume, on_step=on_step)
+    finally:
+        torch.compile = compile_
 
 
 def _finetune(name: str, out: Path) -> None:
@@ -141,8 +152,9 @@ def test_fsdp_ends_with_the_weights_of_ddp(runs, kind):
     assert shards[0][key].shape[0] + shards[1][key].shape[0] == a[key].shape[0]
 
 
-def test_fsdp_offload_trains_the_same_weights(runs):
-    a, b = weights(runs / "fsdp-sm"), weights(runs / "fsdp-offload")
+@pytest.mark.parametrize("variant", ["offload", "compiled"])
+def test_fsdp_offload_and_compiled_train_the_same_weights(runs, variant):
+    a, b = weights(runs / "fsdp-sm"), weights(runs / f"fsdp-{variant}")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
 

@@ -7,6 +7,7 @@ root holds the rest (embeddings, head, norms). The SoftMask's three scalars are 
 reading ω (logs, softmask.json) is never a collective. A sharded parameter is a DTensor whose local
 shard is all this rank stores; the EMA built over them is sharded the same way.
 
+torch's FSDP modules are imported only when a run shards (they take over a second to import).
 Not here: the loop (trainer.py), the files a save writes (checkpoint.py).
 """
 
@@ -14,14 +15,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
-                                    OffloadPolicy, fully_shard)
-from torch.distributed.tensor import DTensor
 
 from smdlm_cli.core.config import TrainConfig
 from smdlm_cli.core.distributed import Dist
@@ -57,6 +55,10 @@ def shard(model: nn.Module, ctx: Dist, cfg: TrainConfig) -> None:
     On CUDA the weights are all-gathered in bf16 and gradients reduced in fp32 (unless
     train.precision = fp32); train.fsdp_offload keeps shards and optimizer state on the CPU.
     """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                        fully_shard)
+
     mesh = init_device_mesh(ctx.device.type, (ctx.world,))
     bf16 = ctx.device.type == "cuda" and cfg.precision != "fp32"
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
@@ -70,6 +72,10 @@ def shard(model: nn.Module, ctx: Dist, cfg: TrainConfig) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    if "torch.distributed.fsdp" not in sys.modules:  # then nothing was sharded
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
@@ -81,13 +87,19 @@ def settle(model: nn.Module) -> None:
         model.reshard()
 
 
+def is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "to_local")
+
+
 def local(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (a plain tensor is its own)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def like(tensors: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Tensor]:
     """Local shards read from a file, as DTensors laid out like `ref`'s (plain ones stay plain)."""
+    from torch.distributed.tensor import DTensor
+
     out = {}
     for k, v in tensors.items():
         r = ref.get(k)
@@ -122,7 +134,7 @@ def full_weights(module: nn.Module, main: bool) -> dict[str, Tensor] | None:
     for k, v in module.state_dict().items():
         if k not in wanted:
             continue
-        v = v.full_tensor() if isinstance(v, DTensor) else v
+        v = v.full_tensor() if is_dtensor(v) else v
         if main:
             out[k] = v.detach().cpu()
     return out if main else None
@@ -145,8 +157,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, device: torch.de
     """clip_grad_norm_ over sharded and replicated gradients: the global 2-norm is the sum over
     ranks of the shards' squared norms plus the replicated gradients' (counted once)."""
     grads = [p.grad for p in params if p.grad is not None]
-    sharded = [local(g) for g in grads if isinstance(g, DTensor)]
-    replicated = [g for g in grads if not isinstance(g, DTensor)]
+    sharded = [local(g) for g in grads if is_dtensor(g)]
+    replicated = [g for g in grads if not is_dtensor(g)]
 
     def squares(ts: list[Tensor]) -> Tensor:
         if not ts:

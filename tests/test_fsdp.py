@@ -11,6 +11,7 @@ equals the uninterrupted FSDP run exactly.
 import functools
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -19,17 +20,19 @@ import torch
 import torch.multiprocessing as mp
 
 from dream_fixtures import write_chat_base
-from test_finetune import ROWS
-from test_trainer import _free_port, corpus, setup
+from test_trainer import _free_port, corpus, run as train_alone, setup
 from smdlm_cli.core import trainer
 from smdlm_cli.core.config import SoftMaskConfig
 from smdlm_cli.core.data import BlockLoader
 from smdlm_cli.core.distributed import distributed
+from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import load_tensors
 from smdlm_cli.recipe import load_recipe
 
 ROOT = Path(__file__).parents[1]
 
+ROWS = [{"prompt": f"Write a function that returns {i}.", "response": f"def f():\n    return {i}\n"}
+        for i in range(30)]  # the SFT set of the fine-tunes
 # name -> (soft-masked?, train settings)
 RUNS = {
     "ddp-sm": (True, {"strategy": "ddp"}),
@@ -112,7 +115,8 @@ def runs(tmp_path_factory):
                                                      "latest").read_text())
     write_chat_base(out / "base" / "dream")
     (out / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    spawn([(name, out, False) for name in RUNS] + [("fsdp-sm", out / "killed", True)]
+    spawn([(name, out, False) for name in RUNS if name != "fsdp-compiled"]
+          + [("fsdp-sm", out / "killed", True)]
           + [(name, out, False) for name in ("finetune-ddp", "finetune-fsdp")])
     return out
 
@@ -152,9 +156,16 @@ def test_fsdp_ends_with_the_weights_of_ddp(runs, kind):
     assert shards[0][key].shape[0] + shards[1][key].shape[0] == a[key].shape[0]
 
 
-@pytest.mark.parametrize("variant", ["offload", "compiled"])
-def test_fsdp_offload_and_compiled_train_the_same_weights(runs, variant):
-    a, b = weights(runs / "fsdp-sm"), weights(runs / f"fsdp-{variant}")
+def test_fsdp_offload_trains_the_same_weights(runs):
+    a, b = weights(runs / "fsdp-sm"), weights(runs / "fsdp-offload")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
+
+
+@pytest.mark.slow  # dynamo traces the blocks in both processes: 25 s on 2 busy cores
+def test_fsdp_with_compiled_blocks_trains_the_same_weights(runs, tmp_path):
+    spawn([("fsdp-compiled", tmp_path, False)])
+    a, b = weights(runs / "fsdp-sm"), weights(tmp_path / "fsdp-compiled")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)
 
@@ -193,3 +204,10 @@ def test_dora_finetune_under_fsdp_equals_ddp(runs):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())     # it trained
     assert json.loads((fsdp / "softmask.json").read_text()) == \
         json.loads((ddp / "softmask.json").read_text())
+
+
+def test_a_sharded_state_resumes_only_as_it_was_saved(runs, tmp_path):
+    shutil.copytree(runs / "fsdp-sm", tmp_path / "run")
+    with pytest.raises(UserError, match="was saved as 2 FSDP shards; resume it with the strategy "
+                                        "and number of processes it was saved with"):
+        train_alone(tmp_path / "run", True, resume=True, steps=8)

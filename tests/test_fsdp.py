@@ -39,7 +39,7 @@ RUNS = {
     "fsdp-sm": (True, {"strategy": "fsdp"}),
     "ddp-binary": (False, {"strategy": "ddp", "micro_batch_size": 1}),
     "fsdp-binary": (False, {"strategy": "fsdp", "micro_batch_size": 1}),
-    "fsdp-offload": (True, {"strategy": "fsdp", "fsdp_offload": True}),
+    "fsdp-offload": (True, {"strategy": "fsdp", "fsdp_offload": True, "grad_checkpointing": True}),
     "fsdp-compiled": (True, {"strategy": "fsdp", "compile": True}),  # aot_eager: no C++ builds
 }
 KILL_AT = 5  # rank 0 kills itself at its step-5 log line: the state of step 3 is the last saved
@@ -156,7 +156,7 @@ def test_fsdp_ends_with_the_weights_of_ddp(runs, kind):
     assert shards[0][key].shape[0] + shards[1][key].shape[0] == a[key].shape[0]
 
 
-def test_fsdp_offload_trains_the_same_weights(runs):
+def test_fsdp_offload_and_checkpointing_train_the_same_weights(runs):
     a, b = weights(runs / "fsdp-sm"), weights(runs / "fsdp-offload")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)

@@ -40,8 +40,8 @@ def blocks(backbone: nn.Module) -> list[nn.Module]:
 
 
 def skeleton(backbone: nn.Module) -> nn.Module:
-    """A copy of `backbone` whose weights are on the meta device (no memory): what rank 0 fills
-    with gathered weights to publish them through the ordinary (unsharded) save functions."""
+    """A copy of `backbone` whose weights are on the meta device (no memory): what `filled`
+    copies to publish gathered weights through the ordinary (unsharded) save functions."""
     memo = {}
     for t in itertools.chain(backbone.parameters(), backbone.buffers()):
         meta = t.detach().to("meta")
@@ -121,6 +121,13 @@ def optimizer_like(state: dict, optimizer: torch.optim.Optimizer) -> dict:
                         if torch.is_tensor(v) and v.dim() and v.shape == local(p).shape else v)
                     for k, v in st.items()}
     return {"state": out, "param_groups": state["param_groups"]}
+
+
+def filled(skeleton_: nn.Module, weights: dict[str, Tensor]) -> nn.Module:
+    """A copy of the skeleton holding `weights` (the rest stays on meta); dropping it frees them."""
+    twin = copy.deepcopy(skeleton_)
+    twin.load_state_dict(weights, strict=False, assign=True)
+    return twin
 
 
 def full_weights(module: nn.Module, main: bool) -> dict[str, Tensor] | None:

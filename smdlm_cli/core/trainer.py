@@ -85,7 +85,7 @@ class _Run:
         backbone.gradient_checkpointing = cfg.grad_checkpointing
         # FSDP replaces the parameters by their shards: before the optimizer and EMA see them.
         self.fsdp = cfg.strategy == "fsdp" and ctx.world > 1
-        self.twin = sharding.skeleton(backbone) if self.fsdp else None
+        self.skeleton = sharding.skeleton(backbone) if self.fsdp else None
         if cfg.compile:
             compiling.compile_blocks(backbone)
         if self.fsdp:
@@ -210,9 +210,7 @@ class _Run:
                 yield self.backbone
                 return
             full = sharding.full_weights(self.backbone, self.ctx.main)
-        if full is not None:
-            self.twin.load_state_dict(full, strict=False, assign=True)
-        yield self.twin if self.ctx.main else None
+        yield sharding.filled(self.skeleton, full) if self.ctx.main else None
 
     def validate(self) -> None:
         sharding.settle(self.model)

@@ -162,7 +162,11 @@ def average_replicated(params: list[nn.Parameter], world: int) -> None:
 @torch.no_grad()
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, device: torch.device) -> Tensor:
     """clip_grad_norm_ over sharded and replicated gradients: the global 2-norm is the sum over
-    ranks of the shards' squared norms plus the replicated gradients' (counted once)."""
+    ranks of the shards' squared norms plus the replicated gradients' (counted once).
+
+    torch's clip_grad_norm_ gets the same number in torch 2.13, but only by turning the SoftMask's
+    plain gradients into replicated DTensors implicitly, with a warning at every step, and it
+    returns a DTensor; this says what it does and returns a plain tensor for the logs."""
     grads = [p.grad for p in params if p.grad is not None]
     sharded = [local(g) for g in grads if is_dtensor(g)]
     replicated = [g for g in grads if not is_dtensor(g)]

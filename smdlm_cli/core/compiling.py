@@ -1,9 +1,10 @@
 """train.compile: torch.compile each transformer block's forward for training.
 
-Each block's forward is compiled on its own: the blocks share one code object, so one graph
-serves them all; the two passes of an SM step feed the blocks the same kind of hidden state, so
-binary and SM steps reuse it too; and hooks on the block (FSDP's gather and reshard) stay outside
-the graph. The weights and their names do not change, so saving and loading are untouched.
+Each block's forward is compiled on its own: the blocks share one code object, so their graphs
+serve them all (one with gradients, one without for SM's pass 1, one in eval mode for
+validation); both passes of an SM step feed the blocks a hidden state of the same shape, so
+binary and SM steps share them; and hooks on the block (FSDP's gather and reshard) stay outside
+the graphs. The weights and their names do not change, so saving and loading are untouched.
 
 Decoding is not compiled: with a KV cache the length a block sees changes at every step (prefix
 and dual caches, blocks of different sizes), so a compiled graph would recompile or need padded

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from smdlm_cli.core.io import load_tensors
 
 ROOT = Path(__file__).parents[1]
 SMALL = ["data.max_docs=40", "data.vocab_size=400", "model.length=64", "train.steps=6",
@@ -284,6 +287,17 @@ def ddp(result, cwd):
     assert (cwd / "runs" / "ddp" / "model.safetensors").exists()
 
 
+def fsdp(result, cwd):
+    assert result.returncode == 0, result.stderr[-6000:]
+    run_dir = cwd / "runs" / "fsdp"
+    state = run_dir / "state" / (run_dir / "state" / "latest").read_text().strip()
+    assert {p.name for p in state.glob("weights.rank*.safetensors")} == \
+        {"weights.rank0.safetensors", "weights.rank1.safetensors"}
+    ddp = load_tensors(cwd / "runs" / "ddp" / "model.safetensors")  # the same recipe under DDP
+    for k, v in load_tensors(run_dir / "model.safetensors").items():
+        torch.testing.assert_close(v, ddp[k], rtol=0, atol=1e-4, msg=k)
+
+
 # README command -> check of its result, in README order (later commands use earlier runs).
 EXERCISED = {
     "smdlm pretrain recipes/quickstart.toml": quickstart,
@@ -309,6 +323,7 @@ EXERCISED = {
     "smdlm pretrain runs/longer/recipe.toml --out runs/longer --resume": resumed,
     "smdlm pretrain recipes/owt.toml": owt_offline,
     "torchrun --nproc_per_node 2 -m smdlm_cli pretrain recipes/quickstart.toml --out runs/ddp": ddp,
+    "torchrun --nproc_per_node 2 -m smdlm_cli pretrain recipes/quickstart.toml --out runs/fsdp --set train.strategy=fsdp": fsdp,
 }
 
 
@@ -340,3 +355,46 @@ def test_readme_python_api_example_runs(tmp_path):
     result = run([sys.executable, "-c", check], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "runs" / "api" / "model.safetensors").exists()
+
+
+STUBS = {  # Slurm's commands, standing in for a 2-node allocation on this machine
+    "scontrol": "#!/bin/sh\necho 127.0.0.1\n",
+    "srun": "#!/bin/sh\n\"$@\" & a=$!\n\"$@\" & b=$!\nwait $a; x=$?\nwait $b; y=$?\n"
+            "exit $((x | y))\n",
+}
+
+
+def test_readme_slurm_script_runs_two_agents(tmp_path):
+    """examples/slurm/multinode.sbatch, as README lists it, run by bash with srun starting its
+    torchrun line twice (the two nodes' agents) and meeting at the c10d rendezvous."""
+    script = ROOT / "examples" / "slurm" / "multinode.sbatch"
+    listing = re.search(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)[1]
+    lines = script.read_text().splitlines()
+    for line in listing.splitlines():
+        assert line in lines, line
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in STUBS.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_NODELIST": "node[1-2]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "42",
+           "RDZV_PORT": str(free_port()),
+           "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    args = ["recipes/quickstart.toml", "--out", "runs/slurm", "--set", "train.strategy=fsdp"]
+    result = subprocess.run(["bash", str(script), *args, *(a for kv in SMALL for a in ("--set", kv))],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "2 process(es)" in result.stderr
+    state = tmp_path / "runs" / "slurm" / "state" / "step-0000006"
+    assert (state / "weights.rank1.safetensors").exists()
+    assert (tmp_path / "runs" / "slurm" / "model.safetensors").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -111,7 +111,11 @@ def run(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, merge
     """Fine-tune the recipe's base into its run directory; returns the directory."""
     def finish(run_dir: Path, inputs: tuple, result) -> None:
         if merge:
-            save_model(inputs[0].merge_and_unload(), run_dir)
+            # under FSDP this rank holds only shards: merge the adapter just published instead
+            sharded = recipe.train.strategy == "fsdp" and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1
+            save_model(load_model(str(run_dir)) if sharded else inputs[0].merge_and_unload(),
+                       run_dir)
         console.print(f"run saved in [bold]{run_dir}[/bold] (adapter/, softmask.json"
                       f"{', merged model.safetensors' if merge else ''})")
         console.print(f"next: smdlm sample --ckpt {run_dir} --chat --prompt '...' · smdlm evaluate "

@@ -10,6 +10,7 @@
       metrics.jsonl          one JSON object a line
       state/latest           name of the newest state whose model is published
       state/step-NNNNNNN/    raw weights, EMA, optimizer, trainer.json: everything for exact resume
+                             (under FSDP: weights.rankR.safetensors etc., each rank's shards)
 
 Every file is written atomically (temporary name, then rename). A save writes the state
 directory (trainer.json last), then publishes the model, then switches `state/latest`; the newest
@@ -80,7 +81,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, st in sd["state"].items():
         for key, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"{idx}.{key}"] = val
+                tensors[f"{idx}.{key}"] = _local(val)
             else:
                 scalars[f"{idx}.{key}"] = val
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -94,6 +95,48 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP), contiguous for safetensors; a plain tensor as is."""
+    return t.to_local().contiguous() if hasattr(t, "to_local") else t
+
+
+def _name(base: str, shard: int | None) -> str:
+    """weights.safetensors, or weights.rank3.safetensors for rank 3's shards under FSDP."""
+    return f"{base}.safetensors" if shard is None else f"{base}.rank{shard}.safetensors"
+
+
+def state_path(run_dir: Path, step: int) -> Path:
+    return run_dir / STATE / f"step-{step:07d}"
+
+
+def clear_state(state_dir: Path) -> None:
+    """Remove a leftover of a run killed while writing this very step."""
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+
+
+def save_tensors(state_dir: Path, weights: dict[str, torch.Tensor],
+                 optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
+                 shard: int | None = None) -> dict:
+    """The tensor files of a state (one rank's shards when `shard` is its rank); returns the
+    optimizer's JSON part (param groups, non-tensor entries) for `seal_state`."""
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    atomic_save_tensors(state_dir / _name("weights", shard),
+                        {k: _local(v) for k, v in weights.items()})
+    atomic_save_tensors(state_dir / _name("optimizer", shard), opt_tensors)
+    if ema is not None:
+        atomic_save_tensors(state_dir / _name("ema", shard),
+                            {k: _local(v) for k, v in ema.items()})
+    return opt_meta
+
+
+def seal_state(state_dir: Path, step: int, opt_meta: dict, trainer: dict) -> None:
+    """optimizer.json, then trainer.json: written once every tensor file is, it marks the state
+    complete (with "shards": N for a state saved as N ranks' shards)."""
+    atomic_write_json(state_dir / "optimizer.json", opt_meta)
+    atomic_write_json(state_dir / "trainer.json", {**trainer, "step": step})
+
+
 def save_state(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
                optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None,
                trainer: dict) -> Path:
@@ -102,17 +145,10 @@ def save_state(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
     The caller then publishes the model and calls `commit_state`. A state directory that fails
     half-way (disk full) is removed: the previous state and model stay as they were.
     """
-    d = run_dir / STATE / f"step-{step:07d}"
-    if d.exists():  # a leftover of a run killed while writing this very step
-        shutil.rmtree(d)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    d = state_path(run_dir, step)
+    clear_state(d)
     try:
-        atomic_save_tensors(d / "weights.safetensors", weights)
-        atomic_save_tensors(d / "optimizer.safetensors", opt_tensors)
-        atomic_write_json(d / "optimizer.json", opt_meta)
-        if ema is not None:
-            atomic_save_tensors(d / "ema.safetensors", ema)
-        atomic_write_json(d / "trainer.json", {**trainer, "step": step})
+        seal_state(d, step, save_tensors(d, weights, optimizer, ema), trainer)
     except BaseException:
         shutil.rmtree(d, ignore_errors=True)
         raise
@@ -144,8 +180,9 @@ def latest_state(run_dir: Path) -> Path | None:
     return max(complete, key=lambda d: d.name) if complete else None
 
 
-def load_state(state_dir: Path, device="cpu") -> dict:
-    """weights, optimizer state_dict, ema (or None) and the trainer dict of one state directory.
+def load_state(state_dir: Path, device="cpu", shard: int | None = None) -> dict:
+    """weights, optimizer state_dict, ema (or None) and the trainer dict of one state directory;
+    with `shard`, that rank's local shards of a state saved under FSDP.
 
     A damaged file (cut short, hand-edited) is one UserError naming it, before anything is used.
     """
@@ -166,15 +203,15 @@ def load_state(state_dir: Path, device="cpu") -> dict:
     if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars"), dict):
         raise UserError(f"--resume: {meta_file}: expected param_groups (a list) and scalars (an "
                         f"object)")
-    ema_path = state_dir / "ema.safetensors"
+    ema_path = state_dir / _name("ema", shard)
     try:
-        optimizer = _unflatten_optimizer(tensors("optimizer.safetensors"), meta)
+        optimizer = _unflatten_optimizer(tensors(_name("optimizer", shard)), meta)
     except ValueError as e:
         raise UserError(f"--resume: {meta_file}: unexpected entry ({e})") from None
     return {
-        "weights": tensors("weights.safetensors"),
+        "weights": tensors(_name("weights", shard)),
         "optimizer": optimizer,
-        "ema": tensors("ema.safetensors") if ema_path.exists() else None,
+        "ema": tensors(ema_path.name) if ema_path.exists() else None,
         "trainer": trainer,
     }
 

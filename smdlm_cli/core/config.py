@@ -109,6 +109,14 @@ class TrainConfig:
                          choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = opt(False, "recompute block activations in backward to save memory")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    strategy: str = opt("ddp", "several processes (torchrun): ddp = every rank holds the whole "
+                               "model and optimizer; fsdp = FSDP2, each rank holds 1/N of the "
+                               "weights, gradients and optimizer state (models too big for one "
+                               "device)", choices=("ddp", "fsdp"))
+    fsdp_offload: bool = opt(False, "with strategy fsdp: keep the sharded weights, gradients and "
+                                    "optimizer state in CPU memory; the optimizer steps on the CPU")
+    compile: bool = opt(False, "torch.compile every transformer block for training (needs a C "
+                               "compiler; the first steps are slower while it compiles)")
     threads: int = opt(0, "CPU threads per process; 0 = the cores other work leaves free "
                           "(by the load average), shared by the ranks", lo=0)
 

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from smdlm_cli.core import diffusion
+from smdlm_cli.core import diffusion, sharding
 from smdlm_cli.core.config import TrainConfig
 from smdlm_cli.core.distributed import BatchLayout, Dist, all_reduce_sum
 from smdlm_cli.core.seeding import generator
@@ -216,7 +216,7 @@ def validate(model: TwoPass, objective, batches: list, use_sm: bool, seed: int, 
         for i, batch in enumerate(batches):
             n = objective.validation_input(batch.to(ctx.device), i, len(batches), seed)
             times.append(n.t)
-            n = n.shard(ctx.rank, ctx.world)
+            whole, n = n, n.shard(ctx.rank, ctx.world)
             # the official validation soft-masks a seeded share of the batches: batch i's coin
             # is the same on every rank and in every validation of the run
             coin = torch.rand((), generator=generator(torch.device("cpu"), seed, VALIDATION, i, 1))
@@ -225,6 +225,11 @@ def validate(model: TwoPass, objective, batches: list, use_sm: bool, seed: int, 
                 with autocast(ctx.device, precision):
                     logits = model(n.xt, use_sm=sm_i, attention_mask=n.attention)
                 per_batch[i] = objective.terms(logits, n)
+            elif sharding.is_sharded(model):  # FSDP gathers each block's weights with every
+                # rank: this rank runs the forward the others run, on one row it then ignores
+                one = None if whole.attention is None else whole.attention[:1]
+                with autocast(ctx.device, precision):
+                    model(whole.xt[:1], use_sm=sm_i, attention_mask=one)
             if on_batch is not None:
                 on_batch()
     finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from smdlm_cli.core import checkpoint, objectives
+from smdlm_cli.core import checkpoint, compiling, objectives, sharding, validate
 from smdlm_cli.core.config import SoftMaskConfig, TrainConfig
 from smdlm_cli.core.distributed import Dist, all_reduce_sum, barrier, batch_layout, check_ranks_agree
 from smdlm_cli.core.ema import EMA, ema_weights
@@ -83,6 +83,13 @@ class _Run:
         self.model = TwoPass(backbone, softmask if self.use_sm_ever else None).to(ctx.device)
         self.model.train()
         backbone.gradient_checkpointing = cfg.grad_checkpointing
+        # FSDP replaces the parameters by their shards: before the optimizer and EMA see them.
+        self.fsdp = cfg.strategy == "fsdp" and ctx.world > 1
+        self.skeleton = sharding.skeleton(backbone) if self.fsdp else None
+        if cfg.compile:
+            compiling.compile_blocks(backbone)
+        if self.fsdp:
+            sharding.shard(self.model, ctx, cfg)
         self.opt = torch.optim.AdamW(self._param_groups(), betas=tuple(cfg.betas), eps=1e-8)
         self.trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
         self.ema = (EMA({k: p for k, p in backbone.named_parameters() if p.requires_grad}, cfg.ema)
@@ -91,6 +98,7 @@ class _Run:
                                           objective_options)
         self.n = Counters()
         self.ddp = self.model
+        self.sm_params = list(self.model.softmask.parameters()) if self.model.softmask else []
 
     def _param_groups(self) -> list[dict]:
         cfg = self.cfg
@@ -105,7 +113,19 @@ class _Run:
         state_dir = checkpoint.latest_state(self.run_dir)
         if state_dir is None:
             raise UserError(f"--resume: {self.run_dir} has no saved training state")
-        st = checkpoint.load_state(state_dir, self.ctx.device)
+        shards = validate.read_json(state_dir / "trainer.json").get("shards")
+        if shards != (self.ctx.world if self.fsdp else None):
+            saved = f"as {shards} FSDP shards" if shards else "unsharded"
+            raise UserError(f"--resume: {state_dir} was saved {saved}; resume it with the "
+                            f"strategy and number of processes it was saved with")
+        st = checkpoint.load_state(state_dir, self.ctx.device,
+                                   self.ctx.rank if self.fsdp else None)
+        sharding.settle(self.model)
+        if self.fsdp:  # the files hold local shards: lay them out as the parameters are
+            st["weights"] = sharding.like(st["weights"], self.model.state_dict())
+            st["optimizer"] = sharding.optimizer_like(st["optimizer"], self.opt)
+            if st["ema"] is not None and self.ema is not None:
+                st["ema"] = sharding.like(st["ema"], self.ema.shadow)
         result = self.model.load_state_dict(st["weights"], strict=False)
         missing = sorted(self.trainable & set(result.missing_keys))
         if missing or result.unexpected_keys:
@@ -132,38 +152,68 @@ class _Run:
                             f"this data's; expected the file a save writes") from None
         if self.ctx.main:
             checkpoint.truncate_metrics(self.run_dir, self.n.step)
-            if not checkpoint.is_committed(self.run_dir, state_dir):
-                self.publish_state(state_dir)  # the last process was killed before publishing it
+        if not checkpoint.is_committed(self.run_dir, state_dir):
+            self.publish_state(state_dir)  # the last process was killed before publishing it
+        barrier()
 
     def wrap(self) -> None:
-        if self.ctx.world > 1:
+        if self.ctx.world > 1 and not self.fsdp:
             # Binary steps leave the omega parameters without gradients, so DDP must look for them.
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
                 find_unused_parameters=self.use_sm_ever and self.sm_cfg.prob < 1)
 
     def save(self) -> None:
-        if self.ctx.main:
-            n = self.n
-            weights = {k: v for k, v in self.model.state_dict().items() if k in self.trainable}
-            state = {"forwards": n.forwards, "tokens": n.tokens, "sm_steps": n.sm_steps,
-                     "loader": self.loader.state_dict(), "layout": self.layout.as_dict(),
-                     "ema_updates": self.ema.updates if self.ema else 0, "first_val": n.first_val,
-                     "best_val": n.best_val}
-            # State, then the model, then the pointer: killed anywhere, the run resumes from its
-            # newest complete state, and once a save has completed there is a model to sample.
+        n, ctx = self.n, self.ctx
+        sharding.settle(self.model)
+        weights = {k: v for k, v in self.model.state_dict().items() if k in self.trainable}
+        state = {"forwards": n.forwards, "tokens": n.tokens, "sm_steps": n.sm_steps,
+                 "loader": self.loader.state_dict(), "layout": self.layout.as_dict(),
+                 "ema_updates": self.ema.updates if self.ema else 0, "first_val": n.first_val,
+                 "best_val": n.best_val}
+        ema = self.ema.shadow if self.ema else None
+        # State, then the model, then the pointer: killed anywhere, the run resumes from its
+        # newest complete state, and once a save has completed there is a model to sample.
+        if self.fsdp:  # every rank writes its shards; trainer.json once all have
+            state_dir = checkpoint.state_path(self.run_dir, n.step)
+            if ctx.main:
+                checkpoint.clear_state(state_dir)
+            barrier()
+            meta = checkpoint.save_tensors(state_dir, weights, self.opt, ema, shard=ctx.rank)
+            barrier()
+            if ctx.main:
+                checkpoint.seal_state(state_dir, n.step, meta, {**state, "shards": ctx.world})
+            self.publish_state(state_dir)
+        elif ctx.main:
             self.publish_state(checkpoint.save_state(self.run_dir, n.step, weights, self.opt,
-                                                     self.ema.shadow if self.ema else None, state))
+                                                     ema, state))
         barrier()
 
     def publish_state(self, state_dir: Path) -> None:
+        """Publish the (EMA) model and ω, then commit `state_dir`. Under FSDP every rank calls it
+        (the weights are gathered to rank 0); otherwise rank 0 alone."""
+        with self.published() as module:
+            if self.ctx.main:
+                self.publish(module, self.run_dir)
+        if self.ctx.main:
+            if self.use_sm_ever:
+                checkpoint.save_softmask(self.run_dir, self.softmask)
+            checkpoint.commit_state(self.run_dir, state_dir)
+
+    @contextmanager
+    def published(self):
+        """The backbone with its EMA weights in place, whole: the backbone itself, or under FSDP
+        the skeleton filled with the gathered weights on rank 0 (None on the other ranks)."""
+        sharding.settle(self.model)
         with ema_weights(self.backbone, self.ema):
-            self.publish(self.backbone, self.run_dir)
-        if self.use_sm_ever:
-            checkpoint.save_softmask(self.run_dir, self.softmask)
-        checkpoint.commit_state(self.run_dir, state_dir)
+            if not self.fsdp:
+                yield self.backbone
+                return
+            full = sharding.full_weights(self.backbone, self.ctx.main)
+        yield sharding.filled(self.skeleton, full) if self.ctx.main else None
 
     def validate(self) -> None:
+        sharding.settle(self.model)
         with ema_weights(self.backbone, self.ema):
             val = objectives.validate(self.model, self.objective, self.valid, self.use_sm_ever,
                                       self.cfg.seed, self.cfg.precision)
@@ -174,9 +224,9 @@ class _Run:
         loss = val.get("val_loss", val["val_nll"])
         if self.on_best is not None and n.step > 0 and (n.best_val is None or loss < n.best_val):
             n.best_val = loss  # the official load_best_model_at_end: lowest eval loss wins
-            if self.ctx.main:
-                with ema_weights(self.backbone, self.ema):
-                    self.on_best(self.backbone, self.softmask if self.use_sm_ever else None)
+            with self.published() as module:
+                if self.ctx.main:
+                    self.on_best(module, self.softmask if self.use_sm_ever else None)
             barrier()
 
     def emit(self, record: dict) -> None:
@@ -198,7 +248,11 @@ class _Run:
         loss_sum = torch.zeros((), device=ctx.device)
         for m in range(lay.accum):
             noised = self.objective.micro(self.loader.next_batch().to(ctx.device), n.step, m)
-            sync = self.ddp.no_sync() if (ctx.world > 1 and m < lay.accum - 1) else nullcontext()
+            last = m == lay.accum - 1
+            if self.fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+            sync = self.ddp.no_sync() if (ctx.world > 1 and not last and not self.fsdp) \
+                else nullcontext()
             with sync:
                 with autocast(ctx.device, cfg.precision):
                     logits = self.ddp(noised.xt, use_sm, noised.attention)
@@ -206,8 +260,13 @@ class _Run:
                 loss.backward()
             loss_sum += loss.detach()
             n.tokens += noised.x0.numel() * ctx.world
-        grad_norm = (nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                     if cfg.grad_clip > 0 else None)
+        if self.fsdp:
+            sharding.average_replicated(self.sm_params, ctx.world)
+            grad_norm = (sharding.clip_grad_norm(list(self.model.parameters()), cfg.grad_clip,
+                                                 ctx.device) if cfg.grad_clip > 0 else None)
+        else:
+            grad_norm = (nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else None)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -273,6 +332,7 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
         run.validate()
     if n.step % cfg.save_every != 0 or n.step == 0:
         run.save()
-    check_ranks_agree(run.model, ctx)
+    # under FSDP each rank holds other shards: only the replicated SoftMask must agree
+    check_ranks_agree(run.sm_params if run.fsdp else list(run.model.parameters()), ctx)
     return TrainResult(step=n.step, forwards=n.forwards, first_val=n.first_val,
                        last_val=n.last_val, sm_steps=n.sm_steps)

@@ -105,6 +105,10 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     threads: int = opt(0, "CPU threads per process; 0 = the cores other work leaves free "
                           "(by the load average), shared by the ranks", lo=0)
+    trackers: list[str] = opt(["jsonl"], "where rank 0 logs the metrics: jsonl (metrics.jsonl, "
+                                         "always written), tensorboard, wandb (pip install "
+                                         "smdlm[tracking]; WANDB_MODE=offline needs no network)",
+                              choices=("jsonl", "tensorboard", "wandb"))
 
 
 @dataclass

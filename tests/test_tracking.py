@@ -139,3 +139,25 @@ def test_the_sweep_logs_its_tables_and_figure(tmp_path):
     assert len(events.Images("sweep/figure")) == 1
     with pytest.raises(UserError, match="^--track: unknown tracker 'tb'"):
         sweep.run(sweep.SweepSettings(ckpts=[str(run)], nfe=[2], track=["tb"]))
+
+
+def test_pretrain_without_the_package_stops_before_anything_is_written(tmp_path, monkeypatch):
+    from smdlm_cli.commands import pretrain as command
+    from smdlm_cli.recipe import load_recipe
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.toml",
+                         TINY + ['train.trackers=["jsonl","tensorboard"]'])
+    with pytest.raises(UserError, match="tensorboard is not installed; pip install tensorboard"):
+        command.run(recipe, recipe_path=Path("quickstart.toml"), out=tmp_path / "run", resume=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_track_flag_errors_are_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "smdlm_cli", "evaluate", "sweep", "--ckpt",
+                             str(tmp_path / "none"), "--track", "tensorboard,mlflow"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--track: unknown tracker 'mlflow'; expected one of jsonl, tensorboard, wandb" in result.stderr

@@ -161,3 +161,23 @@ def test_sweep_track_flag_errors_are_one_line_exit_2(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "--track: unknown tracker 'mlflow'; expected one of jsonl, tensorboard, wandb" in result.stderr
+
+
+@needs_tb
+def test_under_torchrun_only_rank_0_logs(tmp_path):
+    run = tmp_path / "run"
+    sets = TINY + ['train.trackers=["jsonl","tensorboard"]', "train.steps=2", "train.eval_every=2",
+                   "train.save_every=2"]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "smdlm_cli", "pretrain", str(ROOT / "recipes" / "quickstart.toml"), "--out",
+            str(run), *[a for kv in sets for a in ("--set", kv)]]
+    result = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events] = list((run / "tensorboard").glob("events.out.tfevents.*"))  # one writer: rank 0's
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in acc.Scalars("val/val_nll")] == [0, 2]

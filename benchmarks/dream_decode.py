@@ -36,9 +36,11 @@ SHAPES = {
 }
 
 
-def build(shape: str, head_scale: float, device: torch.device, dtype: torch.dtype) -> Dream:
+def build(shape: str, head_scale: float, device: torch.device, dtype: torch.dtype,
+          **overrides) -> Dream:
+    """Random weights in a SHAPES shape (`overrides` change its keys: fewer layers, say)."""
     torch.manual_seed(0)
-    c = SHAPES[shape]
+    c = {**SHAPES[shape], **overrides}
     with torch.device(device):
         model = Dream(DreamConfig(**c, mask_token_id=c["vocab_size"] - 1)).to(dtype).eval()
         for p in model.parameters():
@@ -74,18 +76,6 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randint(0, model.vocab_size - 1, (args.batch, args.prompt), generator=g),
                    torch.full((args.batch, args.gen), model.mask_id)], dim=1).to(device)
-    seeds = list(range(args.batch))
-
-    def run(cache: str, threshold: float | None, sm) -> tuple[float, int]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = decode(model, x, sampler="confidence", steps=args.gen, softmask=sm,
-                     generator_seeds=seeds, block_length=args.block, cache=cache,
-                     threshold=threshold)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, out.nfe
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"device {device} ({dtype}), Dream {args.shape} {n_params / 1e6:.0f}M parameters, "
@@ -94,27 +84,52 @@ def main() -> None:
           f"median of {args.repeats}")
     print(f"{'cache':<7} {'threshold':>9} {'mode':>6} {'NFE':>5} {'tok/fwd':>8} {'tok/s':>9} "
           f"{'ms/fwd':>8} {'speed-up':>9}")
-    base, ratio = None, None
-    for cache in ("none", "prefix", "dual"):
-        for threshold in (None, args.threshold):
-            run(cache, threshold, None)  # warm-up: allocator, kernels
-            times, nfe = {"binary": [], "SM": []}, {}
-            for _ in range(args.repeats):
-                for mode, sm in (("binary", None), ("SM", softmask)):
-                    wall, nfe[mode] = run(cache, threshold, sm)
-                    times[mode].append(wall)
-            for mode in ("binary", "SM"):
-                wall = statistics.median(times[mode])
-                tokens = args.batch * args.gen
-                base = base or wall
-                print(f"{cache:<7} {str(threshold or 'off'):>9} {mode:>6} {nfe[mode]:>5} "
-                      f"{args.gen / nfe[mode]:>8.2f} {tokens / wall:>9,.1f} "
-                      f"{wall / nfe[mode] * 1e3:>8.1f} {base / wall:>8.2f}x")
-            if cache == "none" and threshold is None:
-                ratio = (statistics.median(times["SM"]) / nfe["SM"]) / \
-                        (statistics.median(times["binary"]) / nfe["binary"])
-    print(f"sm/binary step time ratio: {ratio:.3f}")
+    results = time_settings(model, x, softmask, args.gen, args.block, args.threshold, args.repeats)
+    base = results[0]["wall"]
+    for r in results:
+        tokens = args.batch * args.gen
+        print(f"{r['cache']:<7} {str(r['threshold'] or 'off'):>9} {r['mode']:>6} {r['nfe']:>5} "
+              f"{args.gen / r['nfe']:>8.2f} {tokens / r['wall']:>9,.1f} "
+              f"{r['wall'] / r['nfe'] * 1e3:>8.1f} {base / r['wall']:>8.2f}x")
+    print(f"sm/binary step time ratio: {step_ratio(results):.3f}")
 
+
+def time_settings(model, x, softmask, gen: int, block: int, threshold: float,
+                  repeats: int) -> list[dict]:
+    """{cache, threshold, mode, nfe, wall (median s)} for {none, prefix, dual} x {off, threshold}
+    x {binary, SM}: binary and SM decodes alternate after a warm-up (also used by gpu_check.py)."""
+    device = x.device
+    seeds = list(range(x.shape[0]))
+
+    def run(cache: str, threshold: float | None, sm) -> tuple[float, int]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = decode(model, x, sampler="confidence", steps=gen, softmask=sm,
+                     generator_seeds=seeds, block_length=block, cache=cache, threshold=threshold)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out.nfe
+
+    results = []
+    for cache in ("none", "prefix", "dual"):
+        for thr in (None, threshold):
+            run(cache, thr, None)  # warm-up: allocator, kernels
+            times, nfe = {"binary": [], "SM": []}, {}
+            for _ in range(repeats):
+                for mode, sm in (("binary", None), ("SM", softmask)):
+                    wall, nfe[mode] = run(cache, thr, sm)
+                    times[mode].append(wall)
+            results += [{"cache": cache, "threshold": thr, "mode": mode, "nfe": nfe[mode],
+                         "wall": statistics.median(times[mode])} for mode in ("binary", "SM")]
+    return results
+
+
+def step_ratio(results: list[dict]) -> float:
+    """SM/binary time per forward without a cache or threshold (identical forwards)."""
+    step = {r["mode"]: r["wall"] / r["nfe"] for r in results
+            if r["cache"] == "none" and r["threshold"] is None}
+    return step["SM"] / step["binary"]
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,32 @@ def build_model(args, device):
     return model.to(device), "DiT"
 
 
+def time_decodes(model, x, sampler: str, steps: int, softmask: SoftMask, repeats: int,
+                 **options) -> tuple[dict, dict]:
+    """({"binary": [s, ...], "sm": [...]}, {"binary": NFE, "sm": NFE}): `repeats` decodes of `x`
+    each way, alternating, after one binary warm-up (also used by gpu_check.py)."""
+    device = x.device
+    seeds = list(range(x.shape[0]))
+
+    def run(sm: SoftMask | None) -> tuple[float, int]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = decode(model, x, sampler=sampler, steps=steps, softmask=sm, generator_seeds=seeds,
+                     **options)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out.nfe
+
+    run(None)  # warm-up: allocator, kernels
+    times, nfe = {"binary": [], "sm": []}, {}
+    for _ in range(repeats):
+        for mode, sm in (("binary", None), ("sm", softmask)):
+            wall, nfe[mode] = run(sm)
+            times[mode].append(wall)
+    return times, nfe
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=32768)
@@ -56,18 +82,7 @@ def main() -> None:
     # mid-range omegas so lambda is neither 0 nor saturated: the feedback does its full work
     softmask = SoftMask(k=args.sm_k, scale=0.5, centre=-4.0, steepness=2.0).to(device)
     x = torch.full((args.batch, args.length), model.mask_id, dtype=torch.long, device=device)
-    seeds = list(range(args.batch))
     extra = {"confidence": {"temperature": 1.0}}
-
-    def run(sampler: str, sm: SoftMask | None) -> tuple[float, int]:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = decode(model, x, sampler=sampler, steps=args.steps, softmask=sm,
-                     generator_seeds=seeds, **extra.get(sampler, {}))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, out.nfe
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"device {device}, {kind} {n_params / 1e6:.1f}M parameters, vocab {args.vocab}, "
@@ -76,13 +91,8 @@ def main() -> None:
           f"{'binary ms/fwd':>14} {'SM ms/fwd':>10} {'SM/binary':>10}")
     ratios = {}
     for sampler in args.samplers.split(","):
-        run(sampler, None)  # warm-up: allocator, kernels
-        times = {"binary": [], "sm": []}
-        nfe = {}
-        for _ in range(args.repeats):
-            for mode, sm in (("binary", None), ("sm", softmask)):
-                wall, nfe[mode] = run(sampler, sm)
-                times[mode].append(wall)
+        times, nfe = time_decodes(model, x, sampler, args.steps, softmask, args.repeats,
+                                  **extra.get(sampler, {}))
         if nfe["binary"] != nfe["sm"]:
             raise SystemExit(f"{sampler}: NFE differs, binary {nfe['binary']} vs SM {nfe['sm']}")
         b, s = statistics.median(times["binary"]), statistics.median(times["sm"])

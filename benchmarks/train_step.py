@@ -23,6 +23,40 @@ from smdlm_cli.core.softmask import SoftMask
 from smdlm_cli.core.twopass import TwoPass, autocast as _autocast
 
 
+def make_step(model: TwoPass, opt, x0, xt, t):
+    """step(use_sm) -> seconds of one whole optimizer step on the batch (x0, xt, t)."""
+    device, mask_id = x0.device, model.backbone.mask_id
+
+    def step(use_sm: bool) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with _autocast(device, "auto"):
+            logits = model(xt, use_sm)
+        loss = diffusion.elbo_per_token(logits, x0, xt, t, mask_id).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    return step
+
+
+def time_steps(model: TwoPass, opt, x0, xt, t, iters: int) -> tuple[list[float], list[float]]:
+    """Seconds of `iters` binary and `iters` SM optimizer steps, alternating, after 2 warm-ups
+    of each (also used by gpu_check.py)."""
+    step = make_step(model, opt, x0, xt, t)
+    for _ in range(2):  # warm-up: allocator, kernels
+        step(False)
+        step(True)
+    binary, sm = [], []
+    for _ in range(iters):
+        binary.append(step(False))
+        sm.append(step(True))
+    return binary, sm
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
@@ -47,27 +81,7 @@ def main() -> None:
     t = diffusion.sample_t(args.batch, device=device)
     xt = diffusion.q_xt(x0, t, mask_id)
 
-    def step(use_sm: bool) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with _autocast(device, "auto"):
-            logits = model(xt, use_sm)
-        loss = diffusion.elbo_per_token(logits, x0, xt, t, mask_id).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for _ in range(2):  # warm-up: allocator, kernels
-        step(False)
-        step(True)
-    binary, sm = [], []
-    for _ in range(args.iters):
-        binary.append(step(False))
-        sm.append(step(True))
+    binary, sm = time_steps(model, opt, x0, xt, t, args.iters)
     b, s = statistics.median(binary), statistics.median(sm)
     n_params = sum(p.numel() for p in backbone.parameters())
     tokens = args.batch * args.length

@@ -249,6 +249,8 @@ def _number(value: Any) -> float | None:
 
 def _in_range(f: _Field, value: Any) -> bool:
     choices = f.meta.get("choices")
+    if choices and f.kind is list:  # a list of strings, each one of the choices
+        return all(v in choices for v in value)
     if choices and value not in choices:
         return False
     if f.kind is list:
@@ -269,7 +271,8 @@ def _expected(f: _Field, article: bool = True) -> str:
     """What a key accepts, in words: 'an integer >= 1', 'a number in (0, 1]', 'one of "a", "b"'."""
     choices = f.meta.get("choices")
     if choices:
-        return "one of " + ", ".join(_toml_value(c) for c in choices)
+        each = "a list of strings, each " if f.kind is list else ""
+        return f"{each}one of " + ", ".join(_toml_value(c) for c in choices)
     a, noun = f.noun
     text = f"{a} {noun}" if article else noun
     lo, hi = f.meta.get("lo"), f.meta.get("hi")

@@ -75,3 +75,22 @@ def sudoku_chain(tmp_path_factory):
     result = subprocess.run(SUDOKU_SMOKE_ARGV, cwd=d, env=env, capture_output=True, text=True,
                             timeout=1200)
     return result, d
+
+
+GPU_CHECK_ARGV = [sys.executable, "benchmarks/gpu_check.py", "--cpu", "--tiny"]
+
+
+@pytest.fixture(scope="session")
+def gpu_check_cpu(tmp_path_factory):
+    """README's `python benchmarks/gpu_check.py --cpu --tiny`, run once per session for both
+    tests/test_readme.py and tests/test_gpu_check.py: (result, directory, seconds)."""
+    import subprocess
+    import time
+
+    d = tmp_path_factory.mktemp("gpu-check")
+    for name in ("benchmarks", "recipes"):
+        (d / name).symlink_to(Path(__file__).parents[1] / name)
+    start = time.perf_counter()
+    result = subprocess.run(GPU_CHECK_ARGV, cwd=d, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return result, d, time.perf_counter() - start

@@ -84,8 +84,9 @@ def test_install_and_test_commands_are_what_ci_runs():
 def test_every_readme_command_is_known_here():
     for command in readme_commands():
         assert command.startswith(("pip ", "python -m pytest", "smdlm ", "torchrun ",
-                                   "python -m smdlm_cli")), command
-    smdlm = [c for c in readme_commands() if c.startswith(("smdlm ", "torchrun ", "python -m smdlm_cli"))]
+                                   "python -m smdlm_cli", "python benchmarks/")), command
+    smdlm = [c for c in readme_commands() if c.startswith(("smdlm ", "torchrun ", "python -m smdlm_cli",
+                                                           "python benchmarks/"))]
     assert smdlm == [c for c in EXERCISED], "README commands changed: update EXERCISED"
 
 
@@ -298,6 +299,19 @@ def fsdp(result, cwd):
         torch.testing.assert_close(v, ddp[k], rtol=0, atol=1e-4, msg=k)
 
 
+def tracked(result, cwd):
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = list((cwd / "runs" / "tracked" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 1000
+    assert (cwd / "runs" / "tracked" / "metrics.jsonl").exists()
+
+
+def gpu_checked(result, cwd):
+    from test_gpu_check import check
+
+    check(result, cwd)
+
+
 # README command -> check of its result, in README order (later commands use earlier runs).
 EXERCISED = {
     "smdlm pretrain recipes/quickstart.toml": quickstart,
@@ -319,6 +333,8 @@ EXERCISED = {
     "smdlm finetune recipes/llada-sm.toml": llada_offline,
     "smdlm evaluate lm-eval --ckpt runs/tiny-llada --chat --tasks smdlm_demo_mc,smdlm_demo_gen --include-path examples/lm-eval --no-builtin-tasks --mc-num 8 --sampler confidence --nfe 16 -o alg=low_confidence -o transfer=even -o block_length=16": lm_eval_run,
     "python -m smdlm_cli.evals.lmeval --model smdlm --model_args ckpt=runs/tiny-llada,k=1,mc_num=8 --tasks smdlm_demo_mc --include_path examples/lm-eval --device cpu": lm_eval_cli,
+    "smdlm pretrain recipes/quickstart.toml --out runs/tracked --set 'train.trackers=[\"jsonl\",\"tensorboard\"]'": tracked,
+    "python benchmarks/gpu_check.py --cpu --tiny": gpu_checked,
     "smdlm pretrain recipes/quickstart.toml --out runs/longer --set train.steps=1000 --set softmask.prob=0.5": longer,
     "smdlm pretrain runs/longer/recipe.toml --out runs/longer --resume": resumed,
     "smdlm pretrain recipes/owt.toml": owt_offline,
@@ -335,6 +351,13 @@ def test_readme_command_runs(command, workdir, request):
 
         assert argv == SMOKE_ARGV
         result, cwd = request.getfixturevalue("smoke_chain")
+        EXERCISED[command](result, cwd)
+        return
+    if argv[1:2] == ["benchmarks/gpu_check.py"]:  # run once per session, shared with test_gpu_check
+        from conftest import GPU_CHECK_ARGV
+
+        assert argv == GPU_CHECK_ARGV
+        result, cwd, _ = request.getfixturevalue("gpu_check_cpu")
         EXERCISED[command](result, cwd)
         return
     if argv[0] == "torchrun":

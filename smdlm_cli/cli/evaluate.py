@@ -181,6 +181,11 @@ def sweep(ckpt: Annotated[list[str], typer.Option("--ckpt", metavar="DIR", help=
                                                 "as samples")] = 0,
           out: Annotated[str, typer.Option("--out", metavar="DIR", help="writes DIR/sweep.json, "
                                            "sweep.md, sweep.png")] = "sweep",
+          track: Annotated[str, typer.Option("--track", help="comma-separated: tensorboard, "
+                                             "wandb; also log the tables there")] = "",
+          track_dir: Annotated[str, typer.Option("--track-dir", metavar="DIR", help="the "
+                                                 "trackers' logs (DIR/tensorboard, DIR/wandb); "
+                                                 "default --out")] = "",
           as_json: AsJson = False, *, decoding) -> None:
     """The paper's main table: NFE values x {binary, SM} decoding x checkpoints, chosen metrics."""
     from smdlm_cli.commands import sweep as command
@@ -191,7 +196,9 @@ def sweep(ckpt: Annotated[list[str], typer.Option("--ckpt", metavar="DIR", help=
                               scorer=scorer, num_samples=num_samples, length=d.length, seeds=seeds,
                               seed=d.seed, sampler=sampler, top_p=d.top_p,
                               temperature=d.temperature, options=d.options, batch_size=batch_size,
-                              num_refs=num_refs, device=d.device, out=out)
+                              num_refs=num_refs, device=d.device, out=out,
+                              track=[t.strip() for t in track.split(",") if t.strip()],
+                              track_dir=track_dir)
     report, path = command.run(w)
     emit(report, path, as_json, [command.summary(report)])
 

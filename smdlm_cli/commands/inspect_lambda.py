@@ -87,6 +87,17 @@ def text_plot(points: list[list[float]], height: int = 12, width: int = 60, top:
 
 
 def plot_curve(info: dict, file: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(info)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def curve_figure(info: dict, hint: bool = True):
+    """The λ(H) plot of a `describe` report as a matplotlib figure (the PNG, and the trackers');
+    `hint` adds the line that points at --decode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,11 +115,9 @@ def plot_curve(info: dict, file: Path) -> None:
     ax.set(xlabel="entropy of the prediction H(p) (nats)", ylabel="λ",
            title=f"scale {info['scale']:.3g}, centre {info['centre']:.3g}, "
                  f"steepness {info['steepness']:.3g}, k {info['k']}"
-                 + ("" if fed else "\n(--decode also marks the entropies the model feeds back)"))
+                 + ("" if fed or not hint else "\n(--decode also marks the entropies the model feeds back)"))
     ax.legend()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(file, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 def plot_decode(stats: dict, file: Path, title: str) -> None:

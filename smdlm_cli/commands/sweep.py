@@ -11,7 +11,8 @@ Metrics: genppl (under --scorer), entropy (unigram, of the samples' ids), mauve 
 the row's model and decoding, NFE-independent). Each (row, NFE, seed) cell is saved in
 DIR/cells/ as soon as it is done, so an interrupted sweep re-run with the same command resumes.
 Outputs: DIR/sweep.json (every cell, mean and standard error over seeds), DIR/sweep.md (a table per
-metric) and DIR/sweep.png (metric against NFE, a line per row).
+metric) and DIR/sweep.png (metric against NFE, a line per row). With --track tensorboard/wandb the
+tables and the figure also go to those trackers (logs in --track-dir, default DIR).
 
 Not here: the metrics (evals/) or sampling (commands/sample.py).
 """
@@ -28,7 +29,7 @@ import numpy as np
 
 from smdlm_cli.commands import evaluate, sample
 from smdlm_cli.commands.evaluate import run_recipe
-from smdlm_cli.core import rundir
+from smdlm_cli.core import rundir, tracking
 from smdlm_cli.core.distributed import resolve_device
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.io import atomic_write_json, atomic_write_text, read_json
@@ -58,6 +59,8 @@ class SweepSettings:
     num_refs: int = 0          # 0: as many as samples
     device: str = "auto"
     out: str = "sweep"
+    track: list[str] = field(default_factory=list)  # tensorboard, wandb: log the tables there too
+    track_dir: str = ""                             # their logs; empty = out
 
 
 @dataclass
@@ -86,6 +89,7 @@ def _check(w: SweepSettings) -> None:
             raise UserError(f"{flag} {value}: expected an integer >= 1")
     if "mauve" in w.metrics and w.num_samples < 2:
         raise UserError(f"--num-samples {w.num_samples}: MAUVE needs at least 2 samples")
+    tracking.check(w.track, "--track")
 
 
 def _rows(w: SweepSettings, device) -> list[Row]:
@@ -201,7 +205,23 @@ def run(w: SweepSettings) -> tuple[dict, Path]:
     atomic_write_json(out / "sweep.json", report)
     atomic_write_text(out / "sweep.md", markdown(report))
     plot(report, out / "sweep.png")
+    if w.track:
+        track(report, tracking.Trackers(w.track, Path(w.track_dir or out), out.resolve().name))
     return report, out
+
+
+def track(report: dict, trackers: tracking.Trackers) -> None:
+    """Each metric's table (as sweep.md has it) and the figure, to the trackers."""
+    import matplotlib.pyplot as plt
+
+    with trackers:
+        settings = report["settings"]
+        for m in settings["metrics"]:
+            one = {**report, "settings": {**settings, "metrics": [m]}}
+            trackers.table(f"sweep/{m}", "\n".join(tables(one)[2:]))
+        fig = plot_figure(report)
+        trackers.figure("sweep/figure", fig, 0)
+        plt.close(fig)
 
 
 def fmt(value: float | None, se: float | None) -> str:
@@ -257,6 +277,14 @@ def plot(report: dict, path: Path) -> list[str]:
     """Metric against NFE (log2 axis), a line per row; AR rows as dashed horizontal lines. A row
     whose curve equals an earlier one's is drawn dotted, shifted a little, and its legend entry
     says "identical to ...". Returns the first panel's legend entries."""
+    fig = plot_figure(report)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    save_figure(fig, path)
+    return legend
+
+
+def plot_figure(report: dict):
+    """The figure of `plot`, not saved."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,10 +316,9 @@ def plot(report: dict, path: Path) -> list[str]:
         ax.set_xlabel("NFE")
         ax.set_ylabel(LABELS[m])
         ax.grid(alpha=0.3)
-    legend = [t.get_text() for t in axes[0][0].legend(fontsize=8).get_texts()]
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path)
-    return legend
+    return fig
 
 
 def summary(report: dict) -> str:

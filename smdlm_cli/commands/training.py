@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from smdlm_cli.core import hub, runlock, trainer
+from smdlm_cli.core import hub, runlock, tracking, trainer
 from smdlm_cli.core.config import Recipe
 from smdlm_cli.core.distributed import Dist, barrier, cpu_threads, distributed
 from smdlm_cli.core.errors import UserError
@@ -26,7 +26,7 @@ from smdlm_cli.recipe import dump_recipe, load_recipe
 
 # Keys a resumed run may change: they alter how long and how often, never what is trained.
 RESUMABLE_CHANGES = {"train.steps", "train.save_every", "train.eval_every", "train.log_every",
-                     "train.max_forward_passes", "train.threads"}
+                     "train.max_forward_passes", "train.threads", "train.trackers"}
 SECTIONS = ("model", "data", "softmask", "train", "finetune")
 console = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files and CI logs
 
@@ -60,6 +60,7 @@ def train(recipe: Recipe, recipe_path: Path, out: Path | None, resume: bool, com
     run directory's lock throughout (core/runlock.py).
     """
     hub.preflight(hub.recipe_needs(recipe))
+    tracking.check(recipe.train.trackers)  # on every rank, so a missing package never hangs one
     with distributed(recipe.train.device) as ctx:
         if ctx.device.type == "cpu":
             threads, note = cpu_threads(recipe.train.threads, ctx.world)
@@ -132,10 +133,13 @@ def _fit_with_progress(recipe, inputs, run_dir, ctx, resume, name: str, options:
     if not ctx.main:
         return trainer.fit(*args, resume=resume, **options)
     what, unit = val_words(options["objective"], backbone)
-    with progress_bar(name) as progress:
+    trackers = tracking.Trackers(recipe.train.trackers, run_dir, run_dir.name)
+    with progress_bar(name) as progress, trackers:
         task = progress.add_task("train", total=recipe.train.steps, info="")
 
         def on_step(rec: dict) -> None:
+            if trackers:
+                track(trackers, rec, softmask, backbone.vocab_size)
             if "loss" in rec:
                 info = f"loss {rec['loss']:.3f}  {rec['tokens_per_s']:,.0f} tok/s"
                 if "scale" in rec:
@@ -147,6 +151,23 @@ def _fit_with_progress(recipe, inputs, run_dir, ctx, resume, name: str, options:
                                        f"{unit} (ppl {bound}{rec['val_ppl']:.2f})")
 
         return trainer.fit(*args, resume=resume, on_step=on_step, **options)
+
+
+def track(trackers: tracking.Trackers, rec: dict, softmask, vocab: int) -> None:
+    """A metrics record to the trackers; at a validation of an SM run also λ's key points and
+    the λ(H) curve as a figure (the inspect-lambda plot of the current ω)."""
+    trackers.record(rec)
+    if "val_nll" not in rec or softmask is None:
+        return
+    import matplotlib.pyplot as plt
+
+    from smdlm_cli.commands.inspect_lambda import curve_figure, describe
+
+    info = describe(softmask, vocab)
+    trackers.scalars({f"softmask/{k}": v for k, v in info["key_points"].items()}, rec["step"])
+    fig = curve_figure(info, hint=False)
+    trackers.figure("softmask/lambda_curve", fig, rec["step"])
+    plt.close(fig)
 
 
 def val_words(objective: str, backbone) -> tuple[str, str]:

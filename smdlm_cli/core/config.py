@@ -119,6 +119,10 @@ class TrainConfig:
                                "compiler; the first steps are slower while it compiles)")
     threads: int = opt(0, "CPU threads per process; 0 = the cores other work leaves free "
                           "(by the load average), shared by the ranks", lo=0)
+    trackers: list[str] = opt(["jsonl"], "where rank 0 logs the metrics: jsonl (metrics.jsonl, "
+                                         "always written), tensorboard, wandb (pip install "
+                                         "smdlm[tracking]; WANDB_MODE=offline needs no network)",
+                              choices=("jsonl", "tensorboard", "wandb"))
 
 
 @dataclass

@@ -184,6 +184,24 @@ def reproduced(result, cwd):
     assert not (cwd / "docs").exists() and not (cwd / "runs" / "repro-cpu").exists()
 
 
+def sudoku_reproduced(result, cwd):
+    assert result.returncode == 0, result.stderr[-3000:]
+    smoke = cwd / "runs" / "sudoku-smoke"
+    assert {"solve-mdlm", "solve-confidence", "entropy"} <= set(
+        json.loads((smoke / "stages.json").read_text())["stages"])
+    assert "**Smoke run**" in (smoke / "results-sudoku.md").read_text()
+    assert set(json.loads((smoke / "results-sudoku.json").read_text())["verdicts"]) == \
+        {"better", "worse", "same"}
+    assert not (cwd / "docs").exists() and not (cwd / "runs" / "sudoku").exists()
+
+
+def sudoku_evaluated(result, cwd):
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["puzzles"] == 4 and report["k"] == 3 and [r["nfe"] for r in report["results"]] == [1, 2, 4]
+    assert all(len(r["seeds"]) == 3 and 0 <= r["solved"] <= 1 for r in report["results"])
+
+
 def finetuned(result, cwd):
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = cwd / "runs" / "tiny-dream"
@@ -324,6 +342,8 @@ EXERCISED = {
     "smdlm evaluate humaneval --ckpt runs/quickstart --limit 5 --out reports/humaneval.json": humaneval_run,
     "smdlm evaluate humaneval --samples reports/humaneval.samples.jsonl --limit 5": humaneval_rescored,
     "smdlm reproduce recipes/repro/cpu": reproduced,
+    "smdlm reproduce recipes/sudoku": sudoku_reproduced,
+    "smdlm evaluate sudoku --ckpt runs/sudoku/sm-iso-update --nfe 1,2,4 --seeds 3 --json": sudoku_evaluated,
     "smdlm finetune recipes/tiny-dream.toml": finetuned,
     "smdlm sample --ckpt runs/tiny-dream --sampler confidence --nfe 64 --length 128 -o block_length=32 -o cache=dual -o threshold=0.9": dream_sampled,
     "smdlm evaluate humaneval --ckpt runs/tiny-dream --format instruct --limit 3 --max-new-tokens 64 --sampler confidence -o cache=prefix -o block_length=32": dream_evaluated,
@@ -346,12 +366,18 @@ EXERCISED = {
 @pytest.mark.parametrize("command", list(EXERCISED))
 def test_readme_command_runs(command, workdir, request):
     argv = shrink(command)
-    if argv[3:4] == ["reproduce"]:  # run once per session, shared with tests/test_reproduce.py
-        from conftest import SMOKE_ARGV
+    if argv[3:4] == ["reproduce"]:  # run once per session, shared with test_reproduce / test_sudoku
+        from conftest import SMOKE_ARGV, SUDOKU_SMOKE_ARGV
 
-        assert argv == SMOKE_ARGV
-        result, cwd = request.getfixturevalue("smoke_chain")
+        sudoku = "recipes/sudoku" in argv
+        assert argv == (SUDOKU_SMOKE_ARGV if sudoku else SMOKE_ARGV)
+        result, cwd = request.getfixturevalue("sudoku_chain" if sudoku else "smoke_chain")
         EXERCISED[command](result, cwd)
+        return
+    if argv[3:5] == ["evaluate", "sudoku"]:  # on the smoke chain's runs (runs/sudoku-smoke)
+        result, cwd = request.getfixturevalue("sudoku_chain")
+        argv = [a.replace("runs/sudoku/", "runs/sudoku-smoke/") for a in argv] + ["--limit", "4"]
+        EXERCISED[command](run(argv, cwd), cwd)
         return
     if argv[1:2] == ["benchmarks/gpu_check.py"]:  # run once per session, shared with test_gpu_check
         from conftest import GPU_CHECK_ARGV

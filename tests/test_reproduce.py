@@ -12,10 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from smdlm_cli.commands import sweep
-from smdlm_cli.core.softmask import SoftMask
 from smdlm_cli.reproduce import chain as driver, report as results, report_lambda, stages as reproduce
 from smdlm_cli.reproduce.outputs import training_summary
 from smdlm_cli.core.errors import UserError
@@ -236,3 +234,30 @@ def test_a_smoke_run_never_writes_the_real_chain(tmp_path):
     result = smdlm("reproduce", CPU, "--smoke", "--runs", runs, "--stage", "base", cwd=tmp_path)
     assert result.returncode == 2 and "holds a real chain's stages" in result.stderr
     assert read_json(runs / "stages.json")["stages"] == {"base": {"seconds": 1.0}}
+
+
+def test_json_figures_are_computed_from_the_run_outputs(chain):
+    """docs/results.json (here the smoke chain's): every figure recomputed from the outputs."""
+    figures = read_json(chain / "results.json")
+    base = read_json(chain / "lambda" / "base.json")["decode"]
+    assert figures["median_fed_back_entropy"] == base["entropy_fed_back_median"]
+    assert figures["entropy_bar"]["nfe"] == 32 // 4
+    assert figures["entropy_bar"]["cleared"] == (base["entropy_fed_back_median"] <= 1.0)
+    plan = reproduce.load_plan(CPU, str(chain), smoke=True)
+    for name in reproduce.SM_RUNS:
+        s = training_summary(plan, name)
+        assert figures["omega_s_final"][name] == s["omega"]["scale"][-1]
+        assert figures["sm_steps"][name] == s["sm_steps"]
+    counts = {"better": 0, "worse": 0, "same": 0}
+    for sampler in plan.cfg.samplers:
+        rows = read_json(chain / f"sweep-{sampler}" / "sweep.json")["rows"]
+        pick = lambda run, dec: next(r for r in rows if Path(r["run"]).name == run  # noqa: E731
+                                     and r["decoding"] == dec)
+        for metric, lower in (("genppl", True), ("mauve", False)):
+            for a, b in zip(pick("sm-iso-update", "SM")["cells"], pick("binary", "binary")["cells"]):
+                delta = a[metric] - b[metric]
+                se = math.hypot(a[f"{metric}_se"] or 0.0, b[f"{metric}_se"] or 0.0)
+                same = abs(delta) <= 2 * se or delta == 0
+                counts["same" if same else "better" if (delta < 0) == lower else "worse"] += 1
+    assert figures["verdicts"] == counts
+    assert figures["power"]["samples_per_cell"] == plan.cfg.num_samples

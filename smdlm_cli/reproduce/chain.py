@@ -81,7 +81,8 @@ def run_stage(plan, stage: str) -> list[str]:
         if stage in plan.train:
             argv = _prepare_training(plan, stage, argv)
         # inspect-lambda --json prints its report on stdout: kept as lambda/<run>.json
-        json_out = plan.runs / "lambda" / f"{Path(argv[1]).name}.json" if stage == "lambda" else None
+        json_out = (plan.runs / "lambda" / f"{Path(argv[1]).name}.json"
+                    if argv[0] == "inspect-lambda" else None)
         _call(argv, stage, json_out)
         ran.append(shown(argv) + (f" > {json_out}" if json_out else ""))
     return ran

@@ -19,7 +19,7 @@ from smdlm_cli.commands import sweep
 from smdlm_cli.reproduce import stages as reproduce
 from smdlm_cli.reproduce.outputs import training_summary
 from smdlm_cli.reproduce.report_lambda import lambda_section
-from smdlm_cli.core.io import atomic_write_text, read_json
+from smdlm_cli.core.io import atomic_write_json, atomic_write_text, read_json
 
 # Comparisons of two sweep rows (run, decoding): what each isolates.
 COMPARISONS = [
@@ -159,9 +159,11 @@ def _difference(a: dict | None, b: dict | None, metric: str) -> tuple[float, flo
     return delta, se, "better" if better else "worse"
 
 
-def _verdicts(plan, report: dict, sampler: str, comparisons: list, tally: dict) -> list[str]:
+def _verdicts(plan, report: dict, sampler: str, comparisons: list, tally: dict,
+              main: dict | None = None) -> list[str]:
     """A table per metric of `comparisons` across NFE; counts in `tally` the verdicts of an SM
-    model with SM decoding against the binary continuation."""
+    model with SM decoding against the binary continuation, and in `main` those of SM · SM
+    (the first comparison) alone."""
     lines = []
     for metric in ("genppl", "mauve"):
         lines += [f"**{sampler}, {sweep.LABELS[metric]}**", "",
@@ -177,6 +179,8 @@ def _verdicts(plan, report: dict, sampler: str, comparisons: list, tally: dict) 
                     continue
                 if first[1] == "SM" and second == ("binary", "binary"):
                     tally[d[2]] += 1
+                if main is not None and (title, first, second) == comparisons[0]:
+                    main[d[2]] += 1
                 cells.append(f"{sweep.fmt(d[0], d[1])} {d[2]}")
             lines.append(f"| {title} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -192,7 +196,7 @@ def _tally_line(tally: dict, what: str) -> list[str]:
             f"{tally['worse']}, the same within twice the standard error in {tally['same']}.", ""]
 
 
-def _comparisons(plan) -> list[str]:
+def _comparisons(plan, figures: dict) -> list[str]:
     lines = ["## Does soft-masking help here, and where does the gain come from?", "",
              "Each cell is the difference of two rows (first minus second) ± its standard error, "
              "and the first row's verdict: *better* or *worse* when the difference exceeds twice "
@@ -203,7 +207,7 @@ def _comparisons(plan) -> list[str]:
         if report is None:
             lines.append(_missing(f"sweep-{sampler}"))
             continue
-        lines += _verdicts(plan, report, sampler, COMPARISONS, tally)
+        lines += _verdicts(plan, report, sampler, COMPARISONS, tally, figures["verdicts"])
     return lines + _tally_line(tally, "an SM model")
 
 
@@ -245,6 +249,56 @@ def _across_nfe(plan, figures: Path) -> list[str]:
         png = figures / f"{Path(plan.cfg.report).stem}-{sampler}.png"
         lines += [f"### Sampler {sampler}", ""] + _figure_and_tables(report, png, sampler)
     return lines
+
+
+def _entropy(plan, figures: dict) -> list[str]:
+    """The regime bar: how sure the base is about the predictions SM would feed back."""
+    nfe, bar = plan.length // 4, reproduce.ENTROPY_BAR
+    lines = ["## Is this a regime where λ can act?", ""]
+    file = plan.runs / "lambda" / "base.json"
+    if not file.is_file():
+        return lines + [_missing("entropy")]
+    d = read_json(file)["decode"]
+    h = d["entropy_fed_back_median"]
+    figures["median_fed_back_entropy"] = h
+    figures["entropy_bar"] = {"nfe": nfe, "max_nats": bar, "cleared": h is not None and h <= bar}
+    verdict = "clears" if h is not None and h <= bar else "does not clear"
+    return lines + [
+        f"The base model (binary) decoding {plan.cfg.num_samples} samples at NFE {nfe} (L/4): the "
+        f"median entropy of the {d['entropy_fed_back_count']} predictions at the masks left after a "
+        f"step — what soft-masking feeds back — is **{'–' if h is None else f'{h:.3f}'} nats**; "
+        f"the bar is {bar:g} nat, which it {verdict}. λ = ω_s·σ(ω_a(−H − ω_b)) is near ω_s for H "
+        f"well below −ω_b = {-plan.recipes['sm-iso-update'].softmask.centre:g} (the runs' start) "
+        f"and near 0 far above it.", ""]
+
+
+def _power(plan, figures: dict) -> list[str]:
+    """Statistical power: the largest standard errors of the continuations' cells."""
+    rel, mauve = [], []
+    for sampler in plan.cfg.samplers:
+        report = _load_sweep(plan.runs / f"sweep-{sampler}")
+        for row in (report or {}).get("rows", []):
+            for c in row["cells"]:
+                if c.get("genppl_se") is not None and c.get("genppl"):
+                    rel.append(c["genppl_se"] / c["genppl"])
+                if c.get("mauve_se") is not None:
+                    mauve.append(c["mauve_se"])
+    if not rel:
+        return []
+    figures["power"] = {"samples_per_cell": plan.cfg.num_samples, "seeds": plan.cfg.seeds,
+                        "max_relative_se_genppl": max(rel), "max_se_mauve": max(mauve or [0.0])}
+    p = figures["power"]
+    return [f"Statistical power: {p['samples_per_cell']} samples per cell × {p['seeds']} seeds; "
+            f"the largest standard error of gen-PPL is {100 * p['max_relative_se_genppl']:.1f}% of "
+            f"its value (target ≤ 2%) and of MAUVE {p['max_se_mauve']:.3f} (target ≤ 0.03).", ""]
+
+
+def _omega(plan, figures: dict) -> None:
+    for name in reproduce.SM_RUNS:
+        s = training_summary(plan, name)
+        if s is not None:
+            figures["omega_s_final"][name] = s["omega"]["scale"][-1] if s["omega"]["scale"] else None
+            figures["sm_steps"][name] = s["sm_steps"]
 
 
 def _cache(plan) -> list[str]:
@@ -307,12 +361,18 @@ def _honesty(plan) -> list[str]:
 
 
 def write(plan, record: dict) -> Path:
-    """Write the report and its figures; returns the report's path."""
+    """Write the report, its figures and its headline figures as JSON (report.json beside it);
+    returns the report's path."""
     path = Path(plan.cfg.report)
     figures = path.parent / "figures"
-    lines = (header(plan, record) + _training(plan, record) + _main_table(plan)
-             + _comparisons(plan) + lambda_section(plan, figures) + _switched_on(plan, figures)
+    numbers = {"median_fed_back_entropy": None, "omega_s_final": {}, "sm_steps": {},
+               "verdicts": {"better": 0, "worse": 0, "same": 0}}
+    _omega(plan, numbers)
+    lines = (header(plan, record) + _training(plan, record) + _entropy(plan, numbers)
+             + _main_table(plan) + _power(plan, numbers) + _comparisons(plan, numbers)
+             + lambda_section(plan, figures) + _switched_on(plan, figures)
              + _cache(plan) + _across_nfe(plan, figures)
              + commands_section(plan, record) + _honesty(plan))
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    atomic_write_json(path.with_suffix(".json"), numbers)
     return path

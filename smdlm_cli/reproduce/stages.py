@@ -9,6 +9,8 @@ stages, in order:
 
   base, ar, binary, sm-iso-update, sm-iso-compute, sm-on
                     `smdlm pretrain`, resumed where an earlier attempt stopped
+  entropy           `smdlm inspect-lambda --decode` of the base at NFE L/4: the median entropy of
+                    the predictions SM would feed back, against the regime bar (ENTROPY_BAR)
   lambda            `smdlm inspect-lambda --decode` of each SM run at NFE L/16
   cache             `smdlm evaluate sweep --sampler confidence` at NFE L/8: {no cache, dual cache}
                     x {threshold off, on}, each with binary and SM decoding
@@ -43,6 +45,7 @@ SM_RUNS = ("sm-iso-update", "sm-iso-compute", "sm-on")
 # The caching study: name -> sampler options on top of the block length and temperature.
 CACHE = {"no-cache": {}, "no-cache+threshold": {"threshold": True},
          "dual-cache": {"cache": "dual"}, "dual-cache+threshold": {"cache": "dual", "threshold": True}}
+ENTROPY_BAR = 1.0  # nats: the base's median fed-back entropy at NFE L/4 for λ to be able to act
 SMOKE_TRAIN = ["data.max_docs=30", "data.vocab_size=320", "model.length=32", "train.steps=4",
                "train.batch_size=4", "train.eval_every=2", "train.eval_batches=1",
                "train.save_every=2", "train.log_every=1", "train.warmup=1"]
@@ -73,7 +76,7 @@ class Plan:
     @property
     def stages(self) -> list[str]:
         # the short diagnostic stages before the long sweeps: an interrupted chain has them first
-        return [*TRAIN, "lambda", "cache", *(f"sweep-{s}" for s in self.cfg.samplers),
+        return [*TRAIN, "entropy", "lambda", "cache", *(f"sweep-{s}" for s in self.cfg.samplers),
                 "sm-on-sweep", "report"]
 
 
@@ -176,6 +179,10 @@ def commands(plan: Plan, stage: str) -> list[list[str]]:
     if stage == "sm-on-sweep":
         return [_sweep(plan, ["sm-on"], plan.nfe, "genppl,entropy,mauve,elbo", c.samplers[0],
                        runs / stage)]
+    if stage == "entropy":
+        return [["inspect-lambda", str(runs / "base"), "--json", "--decode", "--nfe",
+                 str(plan.length // 4), "--num-samples", str(c.num_samples),
+                 "--decode-png", str(runs / "lambda" / "base-decode.png")]]
     if stage == "lambda":
         return [["inspect-lambda", str(runs / r), "--json", "--decode", "--nfe",
                  str(plan.length // 16), "--num-samples", str(c.num_samples),
@@ -203,6 +210,8 @@ def needs(plan: Plan, stage: str) -> list[str]:
         return []  # it reports what exists and says what is missing
     if stage == "lambda":
         return list(SM_RUNS)
+    if stage == "entropy":
+        return ["base"]
     if stage == "cache":
         return ["ar", "binary", "sm-iso-update"]
     if stage == "sm-on-sweep":

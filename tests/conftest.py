@@ -47,18 +47,20 @@ def trained(tmp_path_factory):
 SMOKE_ARGV = [sys.executable, "-m", "smdlm_cli", "reproduce", "recipes/repro/cpu", "--smoke"]
 
 
+def _smoke(argv: list[str], tmp_path_factory, name: str):
+    import subprocess
+
+    d = tmp_path_factory.mktemp(name)
+    (d / "recipes").symlink_to(Path(__file__).parents[1] / "recipes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(argv, cwd=d, env=env, capture_output=True, text=True, timeout=1200), d
+
+
 @pytest.fixture(scope="session")
 def smoke_chain(tmp_path_factory):
     """README's `smdlm reproduce recipes/repro/cpu` with --smoke, run once per session (about two
     minutes) for both tests/test_readme.py and tests/test_reproduce.py: (result, directory)."""
-    import subprocess
-
-    d = tmp_path_factory.mktemp("smoke-chain")
-    (d / "recipes").symlink_to(Path(__file__).parents[1] / "recipes")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(SMOKE_ARGV, cwd=d, env=env, capture_output=True, text=True,
-                            timeout=1200)
-    return result, d
+    return _smoke(SMOKE_ARGV, tmp_path_factory, "smoke-chain")
 
 
 SUDOKU_SMOKE_ARGV = [sys.executable, "-m", "smdlm_cli", "reproduce", "recipes/sudoku", "--smoke"]
@@ -67,14 +69,7 @@ SUDOKU_SMOKE_ARGV = [sys.executable, "-m", "smdlm_cli", "reproduce", "recipes/su
 @pytest.fixture(scope="session")
 def sudoku_chain(tmp_path_factory):
     """README's `smdlm reproduce recipes/sudoku` with --smoke, once per session: (result, dir)."""
-    import subprocess
-
-    d = tmp_path_factory.mktemp("sudoku-chain")
-    (d / "recipes").symlink_to(Path(__file__).parents[1] / "recipes")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(SUDOKU_SMOKE_ARGV, cwd=d, env=env, capture_output=True, text=True,
-                            timeout=1200)
-    return result, d
+    return _smoke(SUDOKU_SMOKE_ARGV, tmp_path_factory, "sudoku-chain")
 
 
 GPU_CHECK_ARGV = [sys.executable, "benchmarks/gpu_check.py", "--cpu", "--tiny"]

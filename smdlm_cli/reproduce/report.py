@@ -87,29 +87,36 @@ def header(plan, record: dict, title: str = "Soft-masking at small scale") -> li
     return lines
 
 
-def _training(plan, record: dict) -> list[str]:
-    roles = {"base": "binary MDLM from scratch", "ar": "AR scorer and reference",
-             "binary": "continuation, binary", "sm-iso-update": "continuation, SM, same steps",
-             "sm-iso-compute": "continuation, SM, same forwards",
-             "sm-on": "diagnostic: SM switched on (ω_s from 0.5)"}
-    lines = ["## Training", "",
-             "Validation ELBO is the bound in nats per token on held-out stdlib files (the AR row: "
-             "next-token NLL), at the first and the last evaluation of the run; an SM run is "
-             "evaluated with its soft-masking. ω_s is the learned scale at the end.", "",
+ROLES = {"base": "binary MDLM from scratch", "ar": "AR scorer and reference",
+         "binary": "continuation, binary", "sm-iso-update": "continuation, SM, same steps",
+         "sm-iso-compute": "continuation, SM, same forwards",
+         "sm-on": "diagnostic: SM switched on (ω_s from 0.5)"}
+
+
+def training_table(plan, record: dict, intro: str) -> list[str]:
+    """The Training section: one row per training stage of the plan, from its metrics.jsonl."""
+    lines = ["## Training", "", intro, "",
              "| run | role | steps | SM steps | forwards | tokens | wall (s) | val ELBO first → "
              "last | ω_s |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in reproduce.TRAIN:
+    for name in plan.train:
         s = training_summary(plan, name)
         if s is None:
-            lines.append(f"| {name} | {roles[name]} | not run yet |||||||")
+            lines.append(f"| {name} | {ROLES[name]} | not run yet |||||||")
             continue
         secs = record.get("stages", {}).get(name, {}).get("seconds")
         scale = s["omega"]["scale"][-1] if s["omega"]["scale"] else None
-        lines.append(f"| {name} | {roles[name]} | {s['steps']} | {s['sm_steps']} | "
+        lines.append(f"| {name} | {ROLES[name]} | {s['steps']} | {s['sm_steps']} | "
                      f"{s['forwards']} | {s['tokens'] or 0:,} | {'–' if secs is None else f'{secs:.0f}'}"
                      f" | {s['first_val']:.4f} → {s['last_val']:.4f} | "
                      f"{'–' if scale is None else f'{scale:.3g}'} |")
     return lines + [""]
+
+
+def _training(plan, record: dict) -> list[str]:
+    return training_table(plan, record, "Validation ELBO is the bound in nats per token on held-out "
+                          "stdlib files (the AR row: next-token NLL), at the first and the last "
+                          "evaluation of the run; an SM run is evaluated with its soft-masking. ω_s "
+                          "is the learned scale at the end.")
 
 
 def _main_table(plan) -> list[str]:
@@ -293,11 +300,12 @@ def _power(plan, figures: dict) -> list[str]:
             f"its value (target ≤ 2%) and of MAUVE {p['max_se_mauve']:.3f} (target ≤ 0.03).", ""]
 
 
-def _omega(plan, figures: dict) -> None:
-    for name in reproduce.SM_RUNS:
+def omega_figures(plan, figures: dict) -> None:
+    """ω_s at the end and SM steps of each SM run, into the JSON figures."""
+    for name in plan.train:
         s = training_summary(plan, name)
-        if s is not None:
-            figures["omega_s_final"][name] = s["omega"]["scale"][-1] if s["omega"]["scale"] else None
+        if s is not None and s["omega"]["scale"]:
+            figures["omega_s_final"][name] = s["omega"]["scale"][-1]
             figures["sm_steps"][name] = s["sm_steps"]
 
 
@@ -367,7 +375,7 @@ def write(plan, record: dict) -> Path:
     figures = path.parent / "figures"
     numbers = {"median_fed_back_entropy": None, "omega_s_final": {}, "sm_steps": {},
                "verdicts": {"better": 0, "worse": 0, "same": 0}}
-    _omega(plan, numbers)
+    omega_figures(plan, numbers)
     lines = (header(plan, record) + _training(plan, record) + _entropy(plan, numbers)
              + _main_table(plan) + _power(plan, numbers) + _comparisons(plan, numbers)
              + lambda_section(plan, figures) + _switched_on(plan, figures)

@@ -16,13 +16,8 @@ from pathlib import Path
 from smdlm_cli.core.io import atomic_write_json, atomic_write_text, read_json
 from smdlm_cli.evals.report import save_figure
 from smdlm_cli.reproduce import sudoku_stages as plan_mod
-from smdlm_cli.reproduce.outputs import training_summary
-from smdlm_cli.reproduce.report import commands_section, header
+from smdlm_cli.reproduce.report import commands_section, header, omega_figures, training_table
 
-ROLES = {"base": "binary MDLM from scratch", "binary": "continuation, binary",
-         "sm-iso-update": "continuation, SM, same steps",
-         "sm-iso-compute": "continuation, SM, same forwards",
-         "sm-on": "diagnostic: SM switched on (ω_s from 0.5)"}
 SM_ROW, BINARY_ROW = "sm-iso-update · SM", "binary · binary"
 
 
@@ -45,29 +40,6 @@ def _pct(r: dict | None, key: str = "solved") -> str:
         return "–"
     se = r.get(f"{key}_se")
     return f"{100 * r[key]:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
-
-
-def _training(plan, record: dict, figures: dict) -> list[str]:
-    lines = ["## Training", "",
-             "Validation ELBO: nats per solution cell (the givens are never masked), at the first "
-             "and last evaluation; an SM run is evaluated with its soft-masking. ω_s: the learned "
-             "scale at the end (the paper's start is 1e-6).", "",
-             "| run | role | steps | SM steps | forwards | wall (s) | val ELBO first → last | ω_s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name in plan_mod.TRAIN:
-        s = training_summary(plan, name)
-        if s is None:
-            lines.append(f"| {name} | {ROLES[name]} | not run yet ||||||")
-            continue
-        secs = record.get("stages", {}).get(name, {}).get("seconds")
-        scale = s["omega"]["scale"][-1] if s["omega"]["scale"] else None
-        if name in plan_mod.SM_RUNS:
-            figures["omega_s_final"][name] = scale
-            figures["sm_steps"][name] = s["sm_steps"]
-        lines.append(f"| {name} | {ROLES[name]} | {s['steps']} | {s['sm_steps']} | {s['forwards']} "
-                     f"| {'–' if secs is None else f'{secs:.0f}'} | {s['first_val']:.4f} → "
-                     f"{s['last_val']:.4f} | {'–' if scale is None else f'{scale:.3g}'} |")
-    return lines + [""]
 
 
 def _entropy(plan, figures: dict) -> list[str]:
@@ -207,7 +179,13 @@ def write(plan, record: dict) -> Path:
     """Write the Markdown report, its JSON figures and the plot; returns the report's path."""
     path = Path(plan.cfg.report)
     figures = {"median_fed_back_entropy": None, "omega_s_final": {}, "sm_steps": {}}
-    lines = (header(plan, record, "Soft-masking on Sudoku") + _training(plan, record, figures)
+    omega_figures(plan, figures)
+    lines = (header(plan, record, "Soft-masking on Sudoku")
+             + training_table(plan, record, "Validation ELBO: nats per solution cell (the givens are "
+                              "never masked), at the first and last evaluation; an SM run is "
+                              "evaluated with its soft-masking. ω_s: the learned scale at the end "
+                              "(the paper's start is 1e-6). Tokens count whole blocks, givens "
+                              "included.")
              + _entropy(plan, figures) + _table(plan, figures)
              + _plot(plan, path.parent / "figures" / f"{path.stem}.png")
              + _lambda_on(plan, figures) + commands_section(plan, record) + _honesty(plan))

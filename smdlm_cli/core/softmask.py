@@ -82,6 +82,20 @@ def _top_k_blocked(z: Tensor, k: int, block: int = 128) -> tuple[Tensor, Tensor]
     return values.view(*z.shape[:-1], k), cand_idx.gather(1, j).view(*z.shape[:-1], k)
 
 
+def _entropy(logp: Tensor) -> Tensor:
+    """-sum p log(p + 1e-10) over the last axis, from log p.
+
+    Without a gradient to carry (no temperature to learn) the (N, V) work goes through two
+    temporaries written in place, the same operations in the same order as the expression below,
+    so the same bits; the expression itself makes four.
+    """
+    if logp.requires_grad and torch.is_grad_enabled():
+        p = logp.exp()
+        return -(p * torch.log(p + _ENT_EPS)).sum(-1)
+    p = logp.exp()
+    return -p.add(_ENT_EPS).log_().mul_(p).sum(-1)
+
+
 class SoftMask(nn.Module):
     """omega_s (scale), omega_b (centre), omega_a (steepness), optional temperature, and k."""
 
@@ -151,8 +165,7 @@ class SoftMask(nn.Module):
             if self.raw_temperature is not None:
                 z = z / self.temperature
             z = torch.log_softmax(z, dim=-1)
-        p = z.exp()
-        return z, -(p * torch.log(p + _ENT_EPS)).sum(-1)
+        return z, _entropy(z)
 
     def lam_from_entropy(self, entropy: Tensor) -> Tensor:
         """lambda(H) = scale * sigmoid(steepness * (-H - centre)), elementwise."""

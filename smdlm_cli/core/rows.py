@@ -64,11 +64,12 @@ def masked_index(is_mask: Tensor) -> Tensor:
 
 def _ce(logits: Tensor, labels: Tensor, mask_id: int, keep_mask: bool) -> Tensor:
     """Per-row CE in fp32 (float64 kept) of fresh head outputs; the [MASK] column out of the
-    softmax unless keep_mask. The column is filled in place: a head ends in a linear map (or a
-    LoRA/DoRA sum), whose backward never reads its output (autograd would refuse otherwise)."""
+    softmax unless keep_mask. Only that column is written, in place (N numbers, not a pass over
+    N x V): a head ends in a linear map (or a LoRA/DoRA sum), whose backward never reads its output
+    (autograd would refuse otherwise). A Python int index is a view, no host-to-device copy."""
     z = at_least_fp32(logits)
     if not keep_mask:
-        z = z.masked_fill_(torch.arange(z.shape[-1], device=z.device) == mask_id, NEG_INF)
+        z[:, mask_id] = NEG_INF
     return F.cross_entropy(z, labels, reduction="none")
 
 

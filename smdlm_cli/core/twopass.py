@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smdlm_cli.core import rows
-from smdlm_cli.core.diffusion import keeps_mask, masked_nll
+from smdlm_cli.core.diffusion import NEG_INF, keeps_mask, masked_nll
 from smdlm_cli.core.softmask import SoftMask
 
 
@@ -73,13 +73,15 @@ class TwoPass(nn.Module):
         through the head a chunk at a time (no graph: the logits are data for pass 2)."""
         bb, sm = self.backbone, self.softmask
         weight = bb.embedding_weight()
-        drop = None if keeps_mask(bb) else bb.mask_id
+        keep = keeps_mask(bb)
         step = rows.chunk_rows(bb.vocab_size, h_rows.device)
         lams, mixes = [], []
         for a in range(0, h_rows.shape[0], step):
             with torch.no_grad():
                 logits = bb.head(h_rows[a:a + step])
-            lam, mixed = sm.mixture(logits, weight, mask_id=drop)  # grads to omega and E
+                if not keep:  # SUBS: the [MASK] column out, in place (SoftMask would copy)
+                    logits[:, bb.mask_id] = NEG_INF
+            lam, mixed = sm.mixture(logits, weight)  # gradients to omega and E
             lams.append(lam)
             mixes.append(mixed)
         n = xt.numel()

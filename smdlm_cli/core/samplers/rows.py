@@ -46,11 +46,11 @@ class RowLogProbs:
 def masked_log_probs(logits: Tensor, mask_id: int, keep_mask: bool) -> Tensor:
     """SUBS log p of rows at masked positions (N, V), in fp32 (float64 kept): the [MASK] column
     at NEG_INF (unless keep_mask), then log-softmax. The same numbers as diffusion.subs_log_probs
-    at those rows. The column is compared with an arange, never indexed with a tensor built on the
-    host (a copy, i.e. a sync)."""
-    z = at_least_fp32(logits)  # a fresh tensor (the head's rows, or a gather): filled in place
+    at those rows. `logits` is fresh (the head's rows, or a gather): only the [MASK] column is
+    written, in place, through a Python int index (a view: no host-to-device copy, no sync)."""
+    z = at_least_fp32(logits)
     if not keep_mask:
-        z = z.masked_fill_(torch.arange(z.shape[-1], device=z.device) == mask_id, NEG_INF)
+        z[:, mask_id] = NEG_INF
     return torch.log_softmax(z, dim=-1)
 
 

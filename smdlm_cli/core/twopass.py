@@ -84,13 +84,12 @@ class TwoPass(nn.Module):
             lam, mixed = sm.mixture(logits, weight)  # gradients to omega and E
             lams.append(lam)
             mixes.append(mixed)
-        n = xt.numel()
-        if not lams:  # no masked position: E[x] everywhere
-            return F.embedding(xt, weight)
-        lam, mixed = torch.cat(lams), torch.cat(mixes)
-        lam_all = lam.new_zeros(n).index_copy(0, idx, lam).view_as(xt)
-        mixed_all = mixed.new_zeros(n, mixed.shape[-1]).index_copy(0, idx, mixed)
-        return SoftMask.combine(xt, lam_all, mixed_all.view(*xt.shape, -1), weight)
+        base = F.embedding(xt, weight)  # E[x], exactly, wherever nothing is masked
+        if not lams:
+            return base
+        soft = SoftMask.combine(xt.reshape(-1).index_select(0, idx), torch.cat(lams),
+                                torch.cat(mixes), weight)  # (1 - lam) E[mask] + lam mixed
+        return base.reshape(-1, base.shape[-1]).index_copy(0, idx, soft).view_as(base)
 
 
 def autocast(device: torch.device, precision: str):

@@ -236,6 +236,8 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
                 else:
                     rows = [b for b, c in enumerate(changes[i]) if c]
                     read = sorted(set(rows) | set(fb_rows[i] if fb is not None else ()))
+                    if trace:  # the trace's entropies are read at every row's masks
+                        read = list(range(B))
                 logp, lam, is_mask = forward(x, n == 0, i, rows if i >= steps else read)
                 if i == steps:  # settle: the feedback noise removal starts from
                     fb.update(logp, x, settle, [left[-1][b] for b in settle])
@@ -250,8 +252,10 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
                     x = transition.step(i, x, logp, rows)
                 if fb is not None and n + 1 < len(forward_steps):
                     fb.update(logp, x, fb_rows[i], fb_counts[i])
-                # H(p) where a later forward reads the prediction back (SM) or forgets it (binary)
-                ent = (torch.special.entr(logp.exp()).sum(-1)
+                # H(p) where a later forward reads the prediction back (SM) or forgets it (binary);
+                # 0 at positions without a row (unmasked: SUBS's one-hot carry-over has H = 0)
+                ent = (x.new_zeros(x.numel(), dtype=logp.values.dtype).index_copy(
+                    0, logp.index, torch.special.entr(logp.values.exp()).sum(-1)).view(x.shape)
                        if trace and n + 1 < len(forward_steps) else None)
                 record(x, (lam, is_mask), ent)
                 done = i + 1

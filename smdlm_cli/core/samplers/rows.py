@@ -30,10 +30,12 @@ from smdlm_cli.core.samplers.common import positions
 
 @dataclass
 class RowLogProbs:
-    """log p (N, V) at N positions of a (B, W) window; `slot` (B * W,) maps a flat position to its
-    row (positions without a row map to row 0: callers only ask for positions they listed)."""
+    """log p (N, V) at the N flat positions `index` of a (B, W) window; `slot` (B * W,) maps a
+    flat position to its row (positions without a row map to row 0: callers only ask for positions
+    they listed)."""
 
     values: Tensor
+    index: Tensor
     slot: Tensor
     batch: int
     width: int
@@ -82,4 +84,4 @@ def forward_rows(model, masks: Tensor, rows: Sequence[int], counts: Sequence[int
         values[n:].scatter_(1, carry[1][:, None], 0.0)
     slot = torch.zeros(B * W, dtype=torch.long, device=idx.device)
     slot.index_copy_(0, idx, torch.arange(idx.shape[0], device=idx.device))
-    return RowLogProbs(values, slot, B, W)
+    return RowLogProbs(values, idx, slot, B, W)

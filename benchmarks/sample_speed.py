@@ -37,7 +37,7 @@ def build_model(args, device):
 
 
 def time_decodes(model, x, sampler: str, steps: int, softmask: SoftMask, repeats: int,
-                 **options) -> tuple[dict, dict]:
+                 clock=time.perf_counter, **options) -> tuple[dict, dict]:
     """({"binary": [s, ...], "sm": [...]}, {"binary": NFE, "sm": NFE}): `repeats` decodes of `x`
     each way, alternating, after one binary warm-up (also used by gpu_check.py)."""
     device = x.device
@@ -46,12 +46,12 @@ def time_decodes(model, x, sampler: str, steps: int, softmask: SoftMask, repeats
     def run(sm: SoftMask | None) -> tuple[float, int]:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         out = decode(model, x, sampler=sampler, steps=steps, softmask=sm, generator_seeds=seeds,
                      **options)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start, out.nfe
+        return clock() - start, out.nfe
 
     run(None)  # warm-up: allocator, kernels
     times, nfe = {"binary": [], "sm": []}, {}
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--samplers", default=",".join(SAMPLERS))
     ap.add_argument("--sm-k", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="process: this process's CPU time (stable on a shared CPU machine)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -86,12 +88,14 @@ def main() -> None:
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"device {device}, {kind} {n_params / 1e6:.1f}M parameters, vocab {args.vocab}, "
-          f"batch {args.batch} x {args.length}, {args.steps} steps, median of {args.repeats}")
+          f"batch {args.batch} x {args.length}, {args.steps} steps, median of {args.repeats}, "
+          f"{args.clock} clock")
     print(f"{'sampler':<11} {'NFE':>4} {'binary tok/s':>13} {'SM tok/s':>9} "
           f"{'binary ms/fwd':>14} {'SM ms/fwd':>10} {'SM/binary':>10}")
     ratios = {}
     for sampler in args.samplers.split(","):
         times, nfe = time_decodes(model, x, sampler, args.steps, softmask, args.repeats,
+                                  time.perf_counter if args.clock == "wall" else time.process_time,
                                   **extra.get(sampler, {}))
         if nfe["binary"] != nfe["sm"]:
             raise SystemExit(f"{sampler}: NFE differs, binary {nfe['binary']} vs SM {nfe['sm']}")

@@ -297,8 +297,8 @@ def test_official_grad_scaling_and_validation_share():
             super().__init__()
             self.sm = []
 
-        def forward(self, xt, use_sm, attention_mask=None):
-            self.sm.append(use_sm)
+        def forward(self, xt, use_sm, attention_mask=None, **targets):
+            self.sm.append(use_sm)  # the logits: validation scores them itself (no nll_of)
             return model(input_ids=xt, attention_mask=attention_mask)
 
     ids = torch.randint(0, 90, (1, 16))

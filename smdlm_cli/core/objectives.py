@@ -85,8 +85,12 @@ class Diffusion:
         t = self.times[m, :, r]
         return Noised(batch, self._q_xt(batch, t, u=self.noise[m, :, r]), t)
 
+    def targets(self, n: Noised) -> dict:
+        """What the model needs to return the masked NLL itself (logits only at the masks)."""
+        return {"nll_of": n.x0}
+
     def nll(self, logits: Tensor, n: Noised) -> Tensor:
-        return diffusion.elbo_per_token(logits, n.x0, n.xt, n.t, self.mask_id)
+        return masked(logits, n, self.mask_id) * diffusion.loss_weight(n.t).unsqueeze(-1)
 
     def loss(self, logits: Tensor, n: Noised) -> Tensor:
         return self.nll(logits, n).sum() / (self.layout.per_rank * (self.length - self.prompt))
@@ -109,6 +113,9 @@ class Autoregressive(Diffusion):
 
     def begin_step(self, step: int) -> None:
         pass
+
+    def targets(self, n: Noised) -> dict:
+        return {}  # every row is scored: the next-token loss reads the full logits
 
     def micro(self, batch: Tensor, step: int, m: int) -> Noised:
         return Noised(batch, batch, torch.ones(batch.shape[0], device=batch.device))
@@ -133,11 +140,20 @@ def sft_noised(batch, t: Tensor, mask_id: int, g: torch.Generator) -> Tensor:
     return torch.where(forced, torch.full_like(x0, mask_id), xt)
 
 
+def masked(out: Tensor, n: Noised, mask_id: int, keep_mask: bool = False) -> Tensor:
+    """-log p(x_0 | x_t) (B, L), 0 at unmasked positions: `out` is either the model's logits
+    (B, L, V) or that map already, computed by the model at the masked rows only (nll_of)."""
+    if out.dim() == n.xt.dim():
+        return out
+    return diffusion.masked_nll(out, n.x0, n.xt, mask_id, keep_mask)
+
+
 def sft_loss(logits: Tensor, x0: Tensor, xt: Tensor, t: Tensor, mask_id: int,
              keep_mask: bool = False) -> tuple[Tensor, Tensor]:
     """(loss, summed nll): (1/t) times the mean CE over the batch's masked tokens, as the paper;
-    a full-vocabulary CE with keep_mask (the official Dream fine-tuning's HF loss)."""
-    nll = diffusion.masked_nll(logits, x0, xt, mask_id, keep_mask).sum()
+    a full-vocabulary CE with keep_mask (the official Dream fine-tuning's HF loss). `logits` may
+    be the masked NLL map the model computed (see `masked`)."""
+    nll = masked(logits, Noised(x0, xt, t), mask_id, keep_mask).sum()
     return nll / (xt == mask_id).sum().clamp_min(1) / t, nll
 
 
@@ -163,6 +179,9 @@ class SFT:
         t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand((), generator=g, device=self.ctx.device)
         return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
 
+    def targets(self, n: Noised) -> dict:
+        return {"nll_of": n.x0, "keep_mask": self.keep_mask}
+
     def loss(self, logits: Tensor, n: Noised) -> Tensor:
         loss = sft_loss(logits, n.x0, n.xt, n.t, self.mask_id, self.keep_mask)[0]
         return loss if self.sum_micro_batches else loss / self.layout.accum
@@ -175,7 +194,7 @@ class SFT:
         return Noised(batch.input_ids, sft_noised(batch, t, self.mask_id, g), t, batch.attention_mask)
 
     def terms(self, logits: Tensor, n: Noised) -> Tensor:
-        nll = diffusion.masked_nll(logits, n.x0, n.xt, self.mask_id, self.keep_mask).sum()
+        nll = masked(logits, n, self.mask_id, self.keep_mask).sum()
         return torch.stack([nll.double(), (n.xt == self.mask_id).sum().double()])
 
 
@@ -223,7 +242,8 @@ def validate(model: TwoPass, objective, batches: list, use_sm: bool, seed: int, 
             sm_i = use_sm and (share >= 1.0 or coin.item() < share)
             if n.x0.shape[0]:  # a short last batch may leave a rank without rows
                 with autocast(ctx.device, precision):
-                    logits = model(n.xt, use_sm=sm_i, attention_mask=n.attention)
+                    logits = model(n.xt, use_sm=sm_i, attention_mask=n.attention,
+                                   **objective.targets(n))
                 per_batch[i] = objective.terms(logits, n)
             elif sharding.is_sharded(model):  # FSDP gathers each block's weights with every
                 # rank: this rank runs the forward the others run, on one row it then ignores

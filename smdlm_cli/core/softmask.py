@@ -82,6 +82,18 @@ def _top_k_blocked(z: Tensor, k: int, block: int = 128) -> tuple[Tensor, Tensor]
     return values.view(*z.shape[:-1], k), cand_idx.gather(1, j).view(*z.shape[:-1], k)
 
 
+def _entropy(p: Tensor) -> Tensor:
+    """-sum p log(p + 1e-10) over the last axis.
+
+    Without a gradient to carry (no temperature to learn) the (N, V) work goes through one
+    temporary written in place: the same operations in the same order as the expression below,
+    so the same bits; the expression itself makes three.
+    """
+    if p.requires_grad and torch.is_grad_enabled():
+        return -(p * torch.log(p + _ENT_EPS)).sum(-1)
+    return -p.add(_ENT_EPS).log_().mul_(p).sum(-1)
+
+
 class SoftMask(nn.Module):
     """omega_s (scale), omega_b (centre), omega_a (steepness), optional temperature, and k."""
 
@@ -137,22 +149,28 @@ class SoftMask(nn.Module):
         return F.softplus(self.raw_temperature) + _EPS if self.fixed is None else self.fixed[3]
 
     # --- lambda and the top-k mixture ---------------------------------------------------------
-    def _log_probs_and_entropy(self, logits: Tensor, normalized: bool = False,
-                               mask_id: int | None = None) -> tuple[Tensor, Tensor]:
-        # Logits are constants here (the paper's second pass sees the first as data), in fp32.
-        # mask_id: raw logits whose [MASK] column is dropped (SUBS never predicts the mask).
-        # H = -sum p log(p + 1e-10), the official heads' formula to the last bit (the 1e-10 moves
-        # H by up to V * 1e-10, 1.5e-5 at Dream's vocabulary).
+    def _scores_probs_entropy(self, logits: Tensor, normalized: bool = False,
+                              mask_id: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(scores, p, H): p the distribution fed back, H its entropy, and scores whose order is
+        p's and whose softmax over any subset is p renormalised on it (log p, or raw logits:
+        both only shift each row), for the top k.
+
+        Logits are constants here (the paper's second pass sees the first as data), in fp32.
+        mask_id: raw logits whose [MASK] column is dropped (SUBS never predicts the mask).
+        H = -sum p log(p + 1e-10), the official heads' formula (the 1e-10 moves H by up to
+        V * 1e-10, 1.5e-5 at Dream's vocabulary), with p = softmax(logits) as they compute it.
+        """
         z = at_least_fp32(logits.detach())
         if mask_id is not None and not normalized:
             z = z.masked_fill(torch.arange(z.shape[-1], device=z.device) == mask_id, NEG_INF)
-        if not (normalized and self.raw_temperature is None):
-            # normalized input (a sampler's log p) skips this unless a temperature reshapes it
-            if self.raw_temperature is not None:
-                z = z / self.temperature
-            z = torch.log_softmax(z, dim=-1)
-        p = z.exp()
-        return z, -(p * torch.log(p + _ENT_EPS)).sum(-1)
+        if self.raw_temperature is not None:  # a temperature reshapes even log p; it learns
+            z = torch.log_softmax(z / self.temperature, dim=-1)
+            p = z.exp()
+        elif normalized:  # a sampler's log p
+            p = z.exp()
+        else:  # raw logits: one softmax pass, no log p needed (the top k reads the logits)
+            p = torch.softmax(z, dim=-1)
+        return z, p, _entropy(p)
 
     def lam_from_entropy(self, entropy: Tensor) -> Tensor:
         """lambda(H) = scale * sigmoid(steepness * (-H - centre)), elementwise."""
@@ -169,10 +187,10 @@ class SoftMask(nn.Module):
         `mask_id` (raw logits only) drops the [MASK] column first. The top k is found by blocks:
         the same ids and values as torch.topk up to the order of ties, faster on wide rows.
         """
-        logp, entropy = self._log_probs_and_entropy(logits, normalized, mask_id)
+        scores, _, entropy = self._scores_probs_entropy(logits, normalized, mask_id)
         lam = self.lam_from_entropy(entropy) * is_mask.to(entropy.dtype)
-        top_logp, top_idx = _top_k_blocked(logp, self.k)
-        pi = torch.softmax(top_logp, dim=-1)  # = p_i / sum_{top-k} p_j
+        top_scores, top_idx = _top_k_blocked(scores, self.k)
+        pi = torch.softmax(top_scores, dim=-1)  # = p_i / sum_{top-k} p_j
         return lam, top_idx, pi
 
     @property
@@ -189,12 +207,12 @@ class SoftMask(nn.Module):
         over the whole vocabulary: one (N, V) @ (V, D) product, exact, but only at the N masks
         (never the official dense (B, L, V) one). Arguments as in `feedback`.
         """
-        logp, entropy = self._log_probs_and_entropy(logits, normalized, mask_id)
+        scores, p, entropy = self._scores_probs_entropy(logits, normalized, mask_id)
         lam = self.lam_from_entropy(entropy)
         if self.dense:
-            return lam, logp.exp().to(weight.dtype) @ weight
-        top_logp, top_idx = _top_k_blocked(logp, self.k)
-        pi = torch.softmax(top_logp, dim=-1)
+            return lam, p.to(weight.dtype) @ weight
+        top_scores, top_idx = _top_k_blocked(scores, self.k)
+        pi = torch.softmax(top_scores, dim=-1)
         return lam, torch.einsum("...k,...kd->...d", pi.to(weight.dtype), F.embedding(top_idx, weight))
 
     @staticmethod

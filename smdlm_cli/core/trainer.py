@@ -255,7 +255,8 @@ class _Run:
                 else nullcontext()
             with sync:
                 with autocast(ctx.device, cfg.precision):
-                    logits = self.ddp(noised.xt, use_sm, noised.attention)
+                    logits = self.ddp(noised.xt, use_sm, noised.attention,
+                                      **self.objective.targets(noised))
                 loss = self.objective.loss(logits, noised)
                 loss.backward()
             loss_sum += loss.detach()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from smdlm_cli.core.diffusion import masked_nll
 from smdlm_cli.core.softmask import SoftMask
 from smdlm_cli.core.twopass import TwoPass
 
@@ -52,8 +51,8 @@ def elbo_loglikelihood(model, softmask: SoftMask | None, context: list[int], tar
         masked = order < torch.tensor(ks)[:, None]              # k random target positions per row
         is_mask = torch.cat((torch.zeros(len(ks), C, dtype=torch.bool), masked), 1).to(device)
         xt = torch.where(is_mask, model.mask_id, x0.expand(len(ks), -1))
-        logits = twopass(xt, use_sm=softmask is not None)
-        nll = masked_nll(logits, x0.expand(len(ks), -1), xt, model.mask_id).sum(-1)
+        # the masked NLL computed at the masked rows only (core/rows.py), as masked_nll of the logits
+        nll = twopass(xt, use_sm=softmask is not None, nll_of=x0.expand(len(ks), -1)).sum(-1)
         total += float((nll.double() * T / torch.tensor(ks, device=device)).sum())
     xt = x0.clone()
     xt[:, C:] = model.mask_id

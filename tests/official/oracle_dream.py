@@ -32,14 +32,15 @@ class SMArgs:
 
 
 def raw_logits(model, **inputs) -> torch.Tensor:
-    """The network's own next-token logits (lm_head output), captured before any adapter shift."""
+    """The network's own next-token logits, lm_head of the final norm's output, captured before
+    the adapter's shift (smdlm shifts the normed states, so lm_head's own output is shifted)."""
     seen = []
-    handle = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o))
+    handle = model.model.norm.register_forward_hook(lambda m, i, o: seen.append(o))
     try:
         model(**inputs)
     finally:
         handle.remove()
-    return seen[-1]
+    return model.lm_head(seen[-1])
 
 
 def shifted(logits: torch.Tensor) -> torch.Tensor:

@@ -67,14 +67,18 @@ def sm_args(k, alg="mixinputs_with_topk", schedule="none"):
 def smdlm(model, x, steps, sm, alg="entropy", schedule="none", **kw):
     """(trace tokens (steps + 1, B, L), inputs_embeds of every forward (None: plain ids))."""
     embeds = []
-    handle = model.register_forward_pre_hook(
-        lambda m, args, kwargs: embeds.append(kwargs.get("inputs_embeds")), with_kwargs=True)
+    inner = model.hidden  # decoding runs hidden(), then the head at the masked rows only
+
+    def hidden(*args, **kwargs):
+        embeds.append(kwargs.get("inputs_embeds"))
+        return inner(*args, **kwargs)
+    model.hidden = hidden
     try:
         out = decode(model, x, sampler="confidence", steps=steps, softmask=sm,
                      generator_seeds=[0] * x.shape[0], sm_schedule=schedule, trace=True, alg=alg,
                      temperature=0.0, **kw)
     finally:
-        handle.remove()
+        del model.hidden
     return out, embeds
 
 

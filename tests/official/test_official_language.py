@@ -54,12 +54,12 @@ def test_mdlm_family_with_sm_is_the_official_sampler_at_batch_1(sampler, kw, k, 
     steps, settled = 24, 0
     for seed in range(10):
         model, sm = random_dit(seed), softmask(seed, k)
-        embeds = []
-        handle = model.register_forward_pre_hook(
-            lambda m, a, kwargs: embeds.append(kwargs.get("inputs_embeds")), with_kwargs=True)
+        embeds, inner = [], model.hidden  # decoding runs hidden(), then the head at the masks
+        model.hidden = lambda **kwargs: (embeds.append(kwargs.get("inputs_embeds")),
+                                         inner(**kwargs))[1]
         out = decode(model, torch.full((1, L), MASK), sampler=sampler, steps=steps, softmask=sm,
                      generator_seeds=[seed], trace=True, top_p=1e-9, **kw)
-        handle.remove()
+        del model.hidden
         path = out.trace["tokens"] == MASK
         history, final, ref_embeds = mdlm_generate(model, MASK, path, sampler, raw=raw_of(sm), k=k,
                                                    eps=eps, **kw)

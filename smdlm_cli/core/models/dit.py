@@ -223,14 +223,26 @@ class DiT(nn.Module):
                 position_ids: Tensor | None = None) -> Tensor:
         """attention_mask (B, L_total) marks real key positions; `cache` see models/cache.py;
         position_ids (B, W) the rotary positions of the given tokens (default: their columns)."""
+        return self.head(self.hidden(input_ids, inputs_embeds, attention_mask, cache, position_ids))
+
+    def hidden(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+               attention_mask: Tensor | None = None, cache: KVCache | None = None,
+               position_ids: Tensor | None = None) -> Tensor:
+        """The states the head reads (B, W, D), row l for token l: forward = head(hidden(...)).
+
+        The final norm and its (constant) modulation are applied here, so `head` is one linear map
+        that any subset of rows can go through alone (the callers that read few rows do)."""
         h, c = self._trunk(input_ids, inputs_embeds, attention_mask, cache, position_ids)
-        return self.output_layer(h, c)
+        shift, scale = self.output_layer.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return modulate(self.output_layer.norm_final(h), shift, scale)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits (..., V) of hidden rows (..., D)."""
+        return self.output_layer.linear(h)
 
     def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The final normalised hidden states (B, L, D): what MAUVE featurises with."""
-        h, c = self._trunk(input_ids, None, attention_mask)
-        shift, scale = self.output_layer.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return modulate(self.output_layer.norm_final(h), shift, scale)
+        return self.hidden(input_ids, attention_mask=attention_mask)
 
     def _trunk(self, input_ids, inputs_embeds, attention_mask, cache=None,
                position_ids=None) -> tuple[Tensor, Tensor]:

@@ -219,9 +219,21 @@ class Dream(nn.Module):
         """attention_mask (B, L_total) marks real key positions (padding anywhere); `cache` see
         models/cache.py; position_ids (B, W) the RoPE positions of the given tokens (default: their
         columns, so left padding needs them)."""
+        return self.head(self.hidden(input_ids, inputs_embeds, attention_mask, cache, position_ids))
+
+    def hidden(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+               attention_mask: Tensor | None = None, cache: KVCache | None = None,
+               position_ids: Tensor | None = None) -> Tensor:
+        """The normed final states (B, W, D), already shifted so that row l is the one that
+        predicts token l: forward = head(hidden(...)). Shifting the states rather than the logits
+        moves D numbers a row, not V, and lets a caller put only the rows it reads through the head."""
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         h = run_blocks(self.model.layers, h, rope, self.config.head_dim, self.config.rope_theta,
                        attention_mask, cache, position_ids,
                        self.gradient_checkpointing and self.training)
-        logits = self.lm_head(self.model.norm(h))
-        return torch.cat((logits[:, :1], logits[:, :-1]), dim=1)  # row l predicts token l
+        h = self.model.norm(h)
+        return torch.cat((h[:, :1], h[:, :-1]), dim=1)  # row l predicts token l
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits (..., V) of hidden rows (..., D)."""
+        return self.lm_head(h)

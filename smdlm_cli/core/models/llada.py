@@ -202,10 +202,20 @@ class LLaDA(nn.Module):
         """attention_mask (B, L_total) marks real key positions (padding anywhere); `cache` see
         models/cache.py; position_ids (B, W) the RoPE positions of the given tokens (default: their
         columns, so left padding needs them)."""
+        return self.head(self.hidden(input_ids, inputs_embeds, attention_mask, cache, position_ids))
+
+    def hidden(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+               attention_mask: Tensor | None = None, cache: KVCache | None = None,
+               position_ids: Tensor | None = None) -> Tensor:
+        """The normed final states (B, W, D) the output projection reads: forward = head(hidden(...))."""
         t = self.model.transformer
         h = t.wte(input_ids) if inputs_embeds is None else inputs_embeds
         h = run_blocks(t.blocks, h, rope, self.config.head_dim, self.config.rope_theta,
                        attention_mask, cache, position_ids,
                        self.gradient_checkpointing and self.training)
-        h = t.ln_f(h)
+        return t.ln_f(h)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits (..., V) of hidden rows (..., D)."""
+        t = self.model.transformer
         return F.linear(h, t.wte.weight) if self.config.weight_tying else t.ff_out(h)

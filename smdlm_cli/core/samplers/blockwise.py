@@ -36,11 +36,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from smdlm_cli.core.diffusion import subs_log_probs
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.samplers import confidence
 from smdlm_cli.core.samplers.feedback import Feedback
 from smdlm_cli.core.samplers.guidance import Guided
+from smdlm_cli.core.samplers.rows import RowLogProbs, forward_rows
 from smdlm_cli.core.softmask import SoftMask
 
 CACHES = ("none", "prefix", "dual")
@@ -153,17 +153,19 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
           if softmask is not None else None)
     nfe = 0
 
-    def forward(x: Tensor, a: int, b: int, cache) -> Tensor:
+    def forward(x: Tensor, a: int, b: int, cache, rows: list[int], counts: list[int]) -> RowLogProbs:
+        """log p over the window [a, b) at the masks of `rows`, counts[j] of them in rows[j]."""
         kwargs = {"attention_mask": attention}
         if caching:
             kwargs["cache"] = cache.window(a, b)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids[:, a:b]
         if fb is None or nfe == 0:  # the first forward has no feedback yet: lambda 0, plain ids
-            logits = model(input_ids=x[:, a:b], **kwargs)
+            kwargs["input_ids"] = x[:, a:b]
         else:
-            logits = model(inputs_embeds=fb.embeds(x, a, b)[0], **kwargs)
-        return subs_log_probs(logits, x[:, a:b], mask_id, keep_mask)
+            kwargs["inputs_embeds"] = fb.embeds(x, a, b)[0]
+        masks = (x[:, a:b] == mask_id) & real[:, a:b]
+        return forward_rows(model, masks, rows, counts, mask_id, keep_mask, **kwargs)
 
     for j in range(n_blocks):
         s = start + j * bl if bl else start
@@ -193,7 +195,9 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
             if caching and full:
                 cache, since_refresh = model.empty_cache(), 0
             a, b = (0, width) if full else (win_a, win_b)
-            logp = forward(x, a, b, cache)
+            # the window's masks: the block's, and the later blocks' when it reaches the end
+            in_window = [left[r] + (later[r] if b == width else 0) for r in rows]
+            logp = forward(x, a, b, cache, rows, in_window)
             nfe += 1
             since_refresh += 1
             w = slice(a, b)
@@ -203,7 +207,7 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
             new = confidence.commit(x[:, w], logp, cand, rows, counts, ks_rows, k, generators, o,
                                     mask_id, rule, keep_mask)
             if fb is not None:  # from this forward, at the step's masks (committed ones go unused)
-                fb.update(logp, x, rows, [left[r] + (later[r] if b == width else 0) for r in rows], a)
+                fb.update(logp, x, rows, in_window, a)
             x = new if b - a == width else torch.cat((x[:, :a], new, x[:, b:]), dim=1)
 
     if any(shift):  # back to the caller's columns

@@ -44,6 +44,7 @@ from torch import Tensor
 from smdlm_cli.core.samplers.common import (categorical_fp64, gumbels, nucleus_hf, positions,
                                             top_k_filter, uniforms, with_temperature)
 from smdlm_cli.core.samplers.mdlm import MaskChain, gen_uniforms
+from smdlm_cli.core.samplers.rows import RowLogProbs
 from smdlm_cli.core.errors import UserError
 
 GRID_EPS = 1e-3  # Dream's default eps
@@ -163,10 +164,12 @@ class ConfidenceTransition:
     def noise_removal(self) -> list[bool]:
         return [False] * self.k_dev.shape[1]  # the last step of every block commits all its masks
 
-    def step(self, i: int, x: Tensor, logp: Tensor, rows: Sequence[int], start: int = 0) -> Tensor:
-        """x after step i: each listed row commits its k most confident candidates. logp (B, W, V)
-        covers the columns [start, start + W) of x (a KV-cache window; by default all of them)."""
-        cols = slice(start, start + logp.shape[1])
+    def step(self, i: int, x: Tensor, logp: RowLogProbs, rows: Sequence[int],
+             start: int = 0) -> Tensor:
+        """x after step i: each listed row commits its k most confident candidates. logp covers
+        the columns [start, start + W) of x (a KV-cache window; by default all of them), at least
+        at the listed rows' masks (samplers/rows.py)."""
+        cols = slice(start, start + logp.width)
         cand = (x[:, cols] == self.mask_id) & self.in_block[i // self.steps_per_block][:, cols]
         counts = [self.candidates[i][b] for b in rows]
         new = commit(x[:, cols], logp, cand, rows, counts, [self.k[i][b] for b in rows],
@@ -179,22 +182,22 @@ class ConfidenceTransition:
         return out
 
 
-def commit(x: Tensor, logp: Tensor, cand: Tensor, rows: Sequence[int], counts: Sequence[int],
-           ks: Sequence[int] | None, k: Tensor, generators: Sequence[torch.Generator], o: dict,
+def commit(x: Tensor, logp: RowLogProbs, cand: Tensor, rows: Sequence[int],
+           counts: Sequence[int], ks: Sequence[int] | None, k: Tensor, generators: Sequence[torch.Generator], o: dict,
            mask_id: int, rule=None, keep_mask: bool = False) -> Tensor:
     """x (B, W) after each listed row commits its k[b] most confident candidates.
 
-    logp (B, W, V) over the same columns; cand (B, W) the candidates, counts[j] of them in row
-    rows[j]; ks[j] = k[rows[j]] on the host, or None when a `rule` (threshold or factor) raises k
-    on the device from each row's confidences sorted in decreasing order.
+    logp over the same columns (at least at the candidates); cand (B, W) the candidates,
+    counts[j] of them in row rows[j]; ks[j] = k[rows[j]] on the host, or None when a `rule`
+    (threshold or factor) raises k on the device from each row's confidences sorted in
+    decreasing order.
     """
     B, W = x.shape
-    flat = logp.reshape(B * W, -1)
     gens = [generators[b] for b in rows]
     idx = positions(cand, rows, counts)
     # a confidence that ignores the sampled token lets us draw only the k committed tokens
     late = o["temperature"] > 0 and o["alg"] not in TOKEN_CONFIDENCE
-    conf, x0 = sample_tokens(flat.index_select(0, idx), gens, counts, o, mask_id, draw=not late,
+    conf, x0 = sample_tokens(logp.take(idx), gens, counts, o, mask_id, draw=not late,
                              keep_mask=keep_mask)
     if o["alg_temp"] > 0:  # Gumbel-top-k = sampling softmax(conf/T) w/o replacement (fp64)
         conf = conf.double() / o["alg_temp"] + gumbels(gens, counts, x.device)
@@ -209,7 +212,7 @@ def commit(x: Tensor, logp: Tensor, cand: Tensor, rows: Sequence[int], counts: S
     chosen = torch.zeros_like(cand).scatter_(1, ranked.indices[:, :k_max], keep)
     if late:
         committed = positions(chosen, rows, ks)
-        probs = filtered_probs(flat.index_select(0, committed), o, mask_id, keep_mask)
+        probs = filtered_probs(logp.take(committed), o, mask_id, keep_mask)
         tokens = categorical_fp64(_tokens_only(probs, mask_id, keep_mask), gens, ks)
         return x.reshape(-1).index_copy(0, committed, tokens).view_as(x)
     proposal = x.reshape(-1).index_copy(0, idx, x0).view_as(x)

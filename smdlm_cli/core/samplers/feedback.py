@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from smdlm_cli.core.samplers.common import positions
+from smdlm_cli.core.samplers.rows import RowLogProbs
 from smdlm_cli.core.softmask import SoftMask
 
 
@@ -38,26 +39,26 @@ class Feedback:
                                dtype=torch.promote_types(weight.dtype, torch.float32))
         self.mixed = torch.zeros(B, L, weight.shape[1], dtype=weight.dtype, device=real.device)
 
-    def update(self, logp: Tensor, x: Tensor, rows: Sequence[int], counts: Sequence[int],
+    def update(self, logp: RowLogProbs, x: Tensor, rows: Sequence[int], counts: Sequence[int],
                start: int = 0) -> None:
-        """Refresh rows `rows` from a forward's logp (B, W, V) over the columns [start, start + W),
+        """Refresh rows `rows` from a forward's logp over the columns [start, start + W) (at least
+        at those rows' masks),
         at the masks of x (the whole (B, L) state), counts[j] of them in that window of rows[j].
 
         A position ReMDM just remasked gets the one-hot feedback of its carried-over token, as in
         the official code. Entries of other positions go stale harmlessly: `embeds` multiplies
         lambda by the current mask.
         """
-        B, W, vocab = logp.shape
+        W, vocab = logp.width, logp.values.shape[-1]
         L = x.shape[1]
         n = sum(counts)
         window = ((x == self.mask_id) & self.real)[:, start:start + W]
         idx = positions(window, rows, counts)                    # flat into (B, W)
         store = idx + (idx // W) * (L - W) + start               # the same entries in (B, L)
-        flat = logp.reshape(-1, vocab)
-        chunk = n if logp.is_cuda else max(1, self.CPU_CHUNK_BYTES // (4 * vocab))
+        chunk = n if logp.values.is_cuda else max(1, self.CPU_CHUNK_BYTES // (4 * vocab))
         for first in range(0, n, chunk):
             j, s = idx[first:first + chunk], store[first:first + chunk]
-            lam, mixed = self.softmask.mixture(flat[j], self.weight, normalized=True)
+            lam, mixed = self.softmask.mixture(logp.take(j), self.weight, normalized=True)
             self.lam.view(-1).index_copy_(0, s, lam)
             self.mixed.view(-1, self.mixed.shape[-1]).index_copy_(0, s, mixed)
 

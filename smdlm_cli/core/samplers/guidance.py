@@ -36,6 +36,26 @@ class Guided(nn.Module):
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None, cache=None,
                 position_ids: Tensor | None = None) -> Tensor:
+        cond, un = self.inner(**self._both(input_ids, inputs_embeds, attention_mask, cache,
+                                           position_ids)).chunk(2)
+        return un + (self.scale + 1) * (cond - un)
+
+    def hidden(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+               attention_mask: Tensor | None = None, cache=None,
+               position_ids: Tensor | None = None) -> Tensor:
+        """(B, W, 2D): each row's conditional and unconditional states side by side, so that any
+        subset of rows goes through `head` with both halves (used only if the inner model splits)."""
+        cond, un = self.inner.hidden(**self._both(input_ids, inputs_embeds, attention_mask, cache,
+                                                  position_ids)).chunk(2)
+        return torch.cat((cond, un), dim=-1)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Guided logits of rows (..., 2D) from `hidden`: the same operations as `forward`."""
+        cond, un = (self.inner.head(part) for part in h.chunk(2, dim=-1))
+        return un + (self.scale + 1) * (cond - un)
+
+    def _both(self, input_ids, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+        """The inner model's inputs: the conditional rows, then the unconditional ones."""
         width = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         # a window forward computes the columns [start, end) of the sequence (models/cache.py)
         start = cache.start if cache is not None and cache.filled else 0
@@ -53,5 +73,4 @@ class Guided(nn.Module):
                                     if position_ids.dim() == 2 else position_ids)
         if cache is not None:
             both["cache"] = cache
-        cond, un = self.inner(**both).chunk(2)
-        return un + (self.scale + 1) * (cond - un)
+        return both

@@ -39,12 +39,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from smdlm_cli.core.diffusion import keeps_mask, subs_log_probs
+from smdlm_cli.core.diffusion import keeps_mask
 from smdlm_cli.core.errors import UserError
 from smdlm_cli.core.samplers import ar, blockwise, confidence, mdlm
-from smdlm_cli.core.samplers.common import row_generators
+from smdlm_cli.core.samplers.common import positions, row_generators
 from smdlm_cli.core.samplers.feedback import Feedback
 from smdlm_cli.core.samplers.guidance import Guided
+from smdlm_cli.core.samplers.rows import forward_rows
 from smdlm_cli.core.softmask import SoftMask
 
 SAMPLERS = ("mdlm", "remdm-cap", "remdm-loop", "confidence", "ar")
@@ -185,16 +186,33 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
     fb = (Feedback(softmask, weight, real, gen.sum(-1), sm_schedule, mask_id)
           if softmask is not None else None)
 
-    def forward(x: Tensor, first: bool):
+    B, gen_counts = x.shape[0], gen_host.sum(-1).tolist()
+
+    remasked = getattr(transition, "remasked", None)  # ReMDM: feedback at remasked positions
+
+    def forward(x: Tensor, first: bool, i: int, rows: list[int]):
+        """log p at the masks of `rows` (the rows something reads at step i; samplers/rows.py),
+        lambda and the masks this forward's input had. Positions the step remasks get SUBS's
+        carry-over rows: their feedback is the one-hot of the token they held (Feedback.update)."""
+        before = gen_counts if i == 0 else left[min(i, steps) - 1]  # masks before step i
+        masks = (x == mask_id) & real
         if fb is None or first:
-            logits = model(input_ids=x, attention_mask=model_mask)
+            inputs = {"input_ids": x}
             # the first SM forward has no feedback yet: lambda is 0 at every mask
-            is_mask = None if fb is None else (x == mask_id) & real
+            is_mask = None if fb is None else masks
             lam = None if fb is None else torch.zeros_like(x, dtype=torch.float32)
         else:
             emb, lam, is_mask = fb.embeds(x)
-            logits = model(inputs_embeds=emb, attention_mask=model_mask)
-        return subs_log_probs(logits, x, mask_id, keep), lam, is_mask
+            inputs = {"inputs_embeds": emb}
+        carry = None
+        if fb is not None and remasked is not None and i < steps and \
+                any(remasked[i][b] for b in fb_rows[i]):
+            chain = transition.masked
+            flat = positions(~chain[i] & chain[i + 1], fb_rows[i], [remasked[i][b] for b in fb_rows[i]])
+            carry = (flat, x.reshape(-1).index_select(0, flat))
+        logp = forward_rows(model, masks, rows, [before[b] for b in rows], mask_id, keep, carry,
+                            attention_mask=model_mask, **inputs)
+        return logp, lam, is_mask
 
     snapshots, lam_log, ent_log = [x], [], []  # filled only with trace=True
 
@@ -213,22 +231,31 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
                 for _ in range(done, min(i, steps)):  # steps without a forward: nothing changes
                     record(x, None)
                 done = min(i, steps)
-                logp, lam, is_mask = forward(x, first=n == 0)
+                if i >= steps:  # settle, then noise removal: the rows that have masks left
+                    rows = settle if i == steps else [b for b in range(B) if left[-1][b]]
+                else:
+                    rows = [b for b, c in enumerate(changes[i]) if c]
+                    read = sorted(set(rows) | set(fb_rows[i] if fb is not None else ()))
+                    if trace:  # the trace's entropies are read at every row's masks
+                        read = list(range(B))
+                logp, lam, is_mask = forward(x, n == 0, i, rows if i >= steps else read)
                 if i == steps:  # settle: the feedback noise removal starts from
                     fb.update(logp, x, settle, [left[-1][b] for b in settle])
                     continue
                 if i == steps + 1:  # noise removal: argmax of the unfiltered p at the masks left
                     if keep:  # a kept [MASK] column is never a token to decode to
-                        logp[..., mask_id] = float("-inf")
-                    x = torch.where((x == mask_id) & real, logp.argmax(-1), x)
+                        logp.values[:, mask_id] = float("-inf")
+                    idx = positions((x == mask_id) & real, rows, [left[-1][b] for b in rows])
+                    x = x.reshape(-1).index_copy(0, idx, logp.take(idx).argmax(-1)).view_as(x)
                     break
-                rows = [b for b, c in enumerate(changes[i]) if c]
                 if rows:
                     x = transition.step(i, x, logp, rows)
                 if fb is not None and n + 1 < len(forward_steps):
                     fb.update(logp, x, fb_rows[i], fb_counts[i])
-                # H(p) where a later forward reads the prediction back (SM) or forgets it (binary)
-                ent = (torch.special.entr(logp.exp()).sum(-1)
+                # H(p) where a later forward reads the prediction back (SM) or forgets it (binary);
+                # 0 at positions without a row (unmasked: SUBS's one-hot carry-over has H = 0)
+                ent = (x.new_zeros(x.numel(), dtype=logp.values.dtype).index_copy(
+                    0, logp.index, torch.special.entr(logp.values.exp()).sum(-1)).view(x.shape)
                        if trace and n + 1 < len(forward_steps) else None)
                 record(x, (lam, is_mask), ent)
                 done = i + 1

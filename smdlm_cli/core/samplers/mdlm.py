@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from smdlm_cli.core.samplers.common import categorical_fp64, nucleus_official, positions, uniforms
+from smdlm_cli.core.samplers.rows import RowLogProbs
 
 GRID_EPS = 1e-5  # the official sampler's last time point
 
@@ -76,13 +77,14 @@ class MaskChain:
         self.changes = [[u + r > 0 for u, r in zip(us, rs)]
                         for us, rs in zip(self.unmasked, self.remasked)]
 
-    def step(self, i: int, x: Tensor, logp: Tensor, rows: Sequence[int]) -> Tensor:
-        """x after step i: planned positions take a drawn token, planned remasks become mask."""
+    def step(self, i: int, x: Tensor, logp: RowLogProbs, rows: Sequence[int]) -> Tensor:
+        """x after step i: planned positions take a drawn token, planned remasks become mask.
+        logp holds at least the masked positions of the listed rows (samplers/rows.py)."""
         counts = [self.unmasked[i][b] for b in rows]
         out = x
         if any(counts):
             idx = positions(self.masked[i] & ~self.masked[i + 1], rows, counts)
-            lp = logp.reshape(-1, logp.shape[-1]).index_select(0, idx)
+            lp = logp.take(idx)
             tokens = self.draw(lp, [self.generators[b] for b in rows], counts)
             out = out.reshape(-1).index_copy(0, idx, tokens).view_as(x)
         if any(self.remasked[i][b] for b in rows):

@@ -140,17 +140,17 @@ def test_json_figures_are_computed_from_the_run_outputs(chain):
         logs = [r for r in rows if "loss" in r]
         assert figures["sm_steps"][run] == logs[-1]["sm_steps"]
         assert figures["omega_s_final"][run] == [r["scale"] for r in logs if "scale" in r][-1]
-    sm = json.loads((chain / "solve-mdlm" / "sm-iso-update-SM.json").read_text())
-    binary = json.loads((chain / "solve-mdlm" / "binary-binary.json").read_text())
     counts = {"better": 0, "worse": 0, "same": 0}
     for samp in ("mdlm", "confidence"):
         sm = json.loads((chain / f"solve-{samp}" / "sm-iso-update-SM.json").read_text())
         binary = json.loads((chain / f"solve-{samp}" / "binary-binary.json").read_text())
-        for a, b in zip(sm["results"], binary["results"]):
-            if a["solved_se"] is None or b["solved_se"] is None:
-                continue
-            diff, se = a["solved"] - b["solved"], math.hypot(a["solved_se"], b["solved_se"])
-            counts["better" if diff > 2 * se else "worse" if diff < -2 * se else "same"] += 1
+        for metric in ("solved", "cells"):
+            for a, b in zip(sm["results"], binary["results"]):
+                if a[f"{metric}_se"] is None or b[f"{metric}_se"] is None:
+                    continue
+                diff = a[metric] - b[metric]
+                se = math.hypot(a[f"{metric}_se"], b[f"{metric}_se"])
+                counts["better" if diff > 2 * se else "worse" if diff < -2 * se else "same"] += 1
     assert figures["verdicts"] == counts
 
 

@@ -4,8 +4,8 @@ plot, computed from the run outputs.
 It reads RUNS/stages.json, each run's metrics.jsonl (outputs.py), the entropy stage's report, the
 lambda stage's JSON and every `evaluate sudoku` report. No number is typed in here; a stage that
 has not run yet is named as missing. A verdict compares SM · SM with binary · binary in one cell
-(sampler, NFE): *better* or *worse* when the difference of solved shares exceeds twice its
-standard error over seeds, *same* otherwise.
+(sampler, metric, NFE), for both metrics (puzzles solved, blank cells right): *better* or *worse*
+when the difference exceeds twice its standard error over seeds, *same* otherwise.
 """
 
 from __future__ import annotations
@@ -56,55 +56,63 @@ def _entropy(plan, figures: dict) -> list[str]:
         f"NFE that feeds anything back; {rep['sampler']} sampler, binary masks): the median entropy "
         f"of the {r['fed_back']['count']} predictions at the masks left after a step — what "
         f"soft-masking would feed back — is **{'–' if h is None else f'{h:.3f}'} nats** (ln 9 = "
-        f"{math.log(9):.2f} is a uniform guess among the digits). It solves {_pct(r)} % of them.",
+        f"{math.log(9):.2f} is a uniform guess among the digits). It solves {_pct(r)} % of them and fills {_pct(r, 'cells')} % of their blanks correctly. "
+        f"Half or so of the fed-back predictions are copies of givens into the solution (near 0 "
+        f"nats), so read the median as \"most fed-back cells are near-certain\", not as \"the blanks "
+        f"are\".",
         ""]
+
+
+METRICS = {"solved": "puzzles solved exactly", "cells": "blank cells filled correctly"}
 
 
 def _table(plan, figures: dict) -> list[str]:
     lines = ["## Solved puzzles against NFE", "",
-             f"Share of the test puzzles solved exactly (%, mean ± standard error over "
-             f"{plan.cfg.seeds} sampling seeds); rows are run · decoding (binary: top-k 0).", ""]
+             f"Per sampler and metric: % of the test puzzles solved exactly, and % of their blank "
+             f"cells filled correctly (mean ± standard error over {plan.cfg.seeds} sampling seeds); "
+             f"rows are run · decoding (binary: top-k 0). The last row of each table is SM · SM "
+             f"(sm-iso-update) minus binary · binary, with its verdict: *better* or *worse* when "
+             f"the difference exceeds twice its standard error, *same* otherwise.", ""]
     verdicts = {"better": 0, "worse": 0, "same": 0}
     cells = []
     for sampler in plan.cfg.samplers:
         res = _results(plan, sampler)
-        lines += [f"**{sampler} sampler**", ""]
         if not res:
-            lines += [f"*Not run yet: stage `solve-{sampler}`.*", ""]
+            lines += [f"**{sampler} sampler**", "", f"*Not run yet: stage `solve-{sampler}`.*", ""]
             continue
         nfes = sorted({n for r in res.values() for n in r})
-        lines += ["| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-                  "|---|" + "---|" * len(nfes)]
-        for name, _, _ in plan_mod.ROWS:
-            if name in res:
-                lines.append(f"| {name} | " + " | ".join(_pct(res[name].get(n)) for n in nfes) + " |")
-        row = ["| SM · SM vs binary · binary |"]
-        for n in nfes:
-            v = _verdict(res.get(SM_ROW, {}).get(n), res.get(BINARY_ROW, {}).get(n))
-            if v is None:
-                row.append(" – |")
-                continue
-            diff, se, word = v
-            verdicts[word] += 1
-            cells.append({"sampler": sampler, "nfe": n, "difference": diff, "se": se, "verdict": word})
-            row.append(f" {100 * diff:+.1f} ± {100 * se:.1f} {word} |")
-        lines += ["".join(row), ""]
-        lines += [f"Cells right (% of the blanks), {sampler}: "
-                  + "; ".join(f"{name} " + ", ".join(f"{100 * res[name][n]['cells']:.1f}"
-                                                     for n in nfes if n in res[name])
-                              for name, _, _ in plan_mod.ROWS if name in res) + f" (NFE {', '.join(map(str, nfes))}).", ""]
+        for metric, what in METRICS.items():
+            lines += [f"**{sampler} sampler, {what} (%)**", "",
+                      "| row | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                      "|---|" + "---|" * len(nfes)]
+            for name, _, _ in plan_mod.ROWS:
+                if name in res:
+                    lines.append(f"| {name} | "
+                                 + " | ".join(_pct(res[name].get(n), metric) for n in nfes) + " |")
+            row = ["| SM · SM − binary · binary |"]
+            for n in nfes:
+                v = _verdict(res.get(SM_ROW, {}).get(n), res.get(BINARY_ROW, {}).get(n), metric)
+                if v is None:
+                    row.append(" – |")
+                    continue
+                diff, se, word = v
+                verdicts[word] += 1
+                cells.append({"sampler": sampler, "metric": metric, "nfe": n, "difference": diff,
+                              "se": se, "verdict": word})
+                row.append(f" {100 * diff:+.1f} ± {100 * se:.1f} {word} |")
+            lines += ["".join(row), ""]
     figures["verdicts"] = verdicts
     figures["verdict_cells"] = cells
-    lines += [f"SM · SM (sm-iso-update) against binary · binary: {verdicts['better']} cells better, "
-              f"{verdicts['worse']} worse, {verdicts['same']} the same (difference beyond twice its "
-              f"standard error).", ""]
+    lines += [f"Over the {sum(verdicts.values())} (sampler, metric, NFE) cells, SM · SM against "
+              f"binary · binary is better in {verdicts['better']}, worse in {verdicts['worse']} and "
+              f"the same within twice the standard error in {verdicts['same']}.", ""]
     return lines
 
 
-def _verdict(a: dict | None, b: dict | None) -> tuple[float, float, str] | None:
-    if a is None or b is None or a["solved_se"] is None or b["solved_se"] is None:
+def _verdict(a: dict | None, b: dict | None, metric: str) -> tuple[float, float, str] | None:
+    if a is None or b is None or a[f"{metric}_se"] is None or b[f"{metric}_se"] is None:
         return None
-    diff, se = a["solved"] - b["solved"], math.hypot(a["solved_se"], b["solved_se"])
+    diff, se = a[metric] - b[metric], math.hypot(a[f"{metric}_se"], b[f"{metric}_se"])
     word = "better" if diff > 2 * se else "worse" if diff < -2 * se else "same"
     return diff, se, word
 

@@ -70,7 +70,8 @@ class Counted:
 
 
 def smdlm_impl(model):
-    counter = Counted(model)
+    # smdlm runs hidden() + head() rather than forward(): its final norm runs once per forward
+    counter = Counted(model.model.norm)
 
     def run(prompt, gen, block, cache, threshold):
         x = torch.cat([prompt, torch.full((prompt.shape[0], gen), model.mask_id)], dim=1)

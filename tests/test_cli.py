@@ -106,7 +106,7 @@ def test_pretrain_defaults(tmp_path, pretrain):
 TRAIN_KEYS = ("steps, batch_size, micro_batch_size, lr, weight_decay, betas, warmup, "
               "schedule, grad_clip, ema, t_min, t_max, antithetic, seed, save_every, eval_every, "
               "eval_batches, log_every, max_forward_passes, precision, grad_checkpointing, device, "
-              "threads")
+              "strategy, fsdp_offload, compile, threads, trackers")
 
 
 @pytest.mark.parametrize("text, overrides, message", [

@@ -10,7 +10,8 @@ reproduce.toml. The stages, in order:
   entropy           `smdlm evaluate sudoku` of the base at the lowest NFE that feeds anything
                     back (2): the median entropy of its fed-back predictions, on all test puzzles
   lambda            `smdlm inspect-lambda --json` of each SM run (the learned ω and λ(H))
-  solve-<sampler>   `smdlm evaluate sudoku` of every (run, decoding) row at every NFE and seed
+  solve-<sampler>   `smdlm evaluate sudoku` of the (run, decoding) rows at every NFE and seed: all
+                    of them with the first sampler, the main three with the others
   report            docs/results-sudoku.md and .json, computed from the outputs above
 
 The chain runner (chain.py) and its resumability are shared with the language-model chain.
@@ -32,6 +33,7 @@ SM_RUNS = ("sm-iso-update", "sm-iso-compute", "sm-on")
 ROWS = [("binary · binary", "binary", 0), ("sm-iso-update · binary", "sm-iso-update", 0),
         ("sm-iso-update · SM", "sm-iso-update", None), ("sm-iso-compute · SM", "sm-iso-compute", None),
         ("sm-on · SM", "sm-on", None)]
+MAIN_ROWS = 3  # samplers after the first decode only binary · binary, SM · binary and SM · SM
 ENTROPY_NFE = 2  # NFE 1 is one forward: nothing is fed back
 SMOKE_TRAIN = ["data.sudoku_train=64", "data.sudoku_test=8", "model.hidden_size=32",
                "model.n_blocks=1", "model.n_heads=2", "model.cond_dim=16", "train.steps=4",
@@ -129,9 +131,10 @@ def commands(plan: Plan, stage: str) -> list[list[str]]:
                 for r in SM_RUNS]
     if stage.startswith("solve-"):
         sampler = stage.removeprefix("solve-")
+        rows = ROWS if sampler == plan.cfg.samplers[0] else ROWS[:MAIN_ROWS]
         return [_solve(plan, run, k, sampler, plan.cfg.nfe, plan.cfg.seeds,
                        runs / stage / f"{run}-{'binary' if k == 0 else 'SM'}.json")
-                for _, run, k in ROWS]
+                for _, run, k in rows]
     raise UserError(f"--stage {stage}: unknown stage; expected one of {', '.join(plan.stages)}")
 
 

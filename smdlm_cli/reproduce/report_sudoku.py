@@ -101,6 +101,10 @@ def _table(plan, figures: dict) -> list[str]:
                               "se": se, "verdict": word})
                 row.append(f" {100 * diff:+.1f} ± {100 * se:.1f} {word} |")
             lines += ["".join(row), ""]
+        if all(r[f"{m}_se"] == 0 for rows in res.values() for r in rows.values() for m in METRICS):
+            lines += [f"Every seed gave the same result with the {sampler} sampler (it decodes "
+                      f"deterministically here): its standard errors are 0, so a verdict compares "
+                      f"single decodings of the same puzzles.", ""]
     figures["verdicts"] = verdicts
     figures["verdict_cells"] = cells
     lines += [f"Over the {sum(verdicts.values())} (sampler, metric, NFE) cells, SM · SM against "

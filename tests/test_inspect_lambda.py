@@ -97,6 +97,9 @@ def test_decode_of_a_binary_run_measures_the_entropy_fed_back(tmp_path):
     d = info["decode"]
     assert info["binary"] is True and all(v is None for v in d["lam_mean"])
     assert 0 <= d["entropy_fed_back_median"] <= math.log(info["vocab_size"]) + 1e-6
+    qs = d["entropy_fed_back_quantiles"]
+    assert list(qs) == ["0.1", "0.25", "0.5", "0.75", "0.9"] and list(qs.values()) == sorted(qs.values())
+    assert qs["0.1"] <= d["entropy_fed_back_median"] <= qs["0.9"]
     assert (tmp_path / "d.png").read_bytes()[:8] == PNG
 
 

@@ -246,6 +246,14 @@ def test_json_figures_are_computed_from_the_run_outputs(chain):
     assert figures["entropy_bar"]["nfe"] == 32 // 4
     assert figures["entropy_bar"]["cleared"] == (base["entropy_fed_back_median"] <= 1.0)
     plan = reproduce.load_plan(CPU, str(chain), smoke=True)
+    curve, tokens = figures["fed_back_entropy_curve"], 0  # the bar's measure against training
+    assert [c["run"] for c in curve] == ["base", "binary"]
+    for c in curve:
+        d = read_json(chain / "lambda" / f"{c['run']}.json")["decode"]
+        tokens += training_summary(plan, c["run"])["tokens"]
+        assert c["training_tokens"] == tokens and c["median"] == d["entropy_fed_back_median"]
+        assert c["quantiles"] == d["entropy_fed_back_quantiles"] and c["count"] == d["entropy_fed_back_count"]
+    assert curve[1]["training_tokens"] > curve[0]["training_tokens"] > 0
     for name in reproduce.SM_RUNS:
         s = training_summary(plan, name)
         assert figures["omega_s_final"][name] == s["omega"]["scale"][-1]

@@ -51,6 +51,26 @@ def test_forward_equals_dense_formula(k):
     torch.testing.assert_close(sm.feedback(logits, ids == MASK, mask_id=MASK)[0].double(), lam_want, rtol=1e-5, atol=1e-6)
 
 
+def test_sampler_entropy_is_the_official_formula_within_its_epsilon():
+    """The samplers pass log p and no gradient: H = -sum p log p, which differs from the official
+    -sum p log(p + 1e-10) by at most V * 1e-10 (softmask._entropy_of_log_probs)."""
+    vocab = 50_258
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([0.1, 1, 3, 10, 30, 100])[:, None]
+    logp = torch.log_softmax(logits, -1)
+    sm = SoftMask(k=3, scale=0.5, centre=-4.0, steepness=2.0)
+    p = logits.double().softmax(-1)
+    official = -(p * torch.log(p + 1e-10)).sum(-1)
+    with torch.no_grad():
+        _, _, h = sm._scores_probs_entropy(logp, normalized=True)
+    assert (h.double() - official).abs().max() <= vocab * 1e-10 + 1e-5  # + fp32 rounding of the sum
+    assert h.min() >= 0 and h[0] > 10.0 and h[-1] < 1e-3  # near-uniform ... near one-hot rows
+    with torch.no_grad():  # lambda as the training path computes it, from the raw logits
+        lam_train = sm.feedback(logits, torch.ones(6, dtype=torch.bool))[0]
+        lam_sampler = sm.feedback(logp, torch.ones(6, dtype=torch.bool), normalized=True)[0]
+    torch.testing.assert_close(lam_sampler, lam_train, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("keep_mask", [False, True])
 def test_temperature_variant_mixes_the_whole_tempered_distribution(keep_mask):
     # the official mixinputs_with_temp: all V tokens, whatever k; masked rows only get it

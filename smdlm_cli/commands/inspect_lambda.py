@@ -160,6 +160,8 @@ def decode_stats(run_dir: Path, sampling) -> dict:
     stats = {key: [clean(v) for v in trace[key]] for key in (*DECODE_KEYS, "entropy_q50")}
     stats["forward"] = trace["forward"]
     stats["entropy_fed_back_median"] = clean(trace["entropy_fed_back_median"])
+    stats["entropy_fed_back_quantiles"] = {q: clean(v) for q, v in
+                                           trace["entropy_fed_back_quantiles"].items()}
     stats["entropy_fed_back_count"] = trace["entropy_fed_back_count"]
     return stats
 
@@ -238,7 +240,9 @@ def _show_decode(d: dict, console: Console) -> None:
         steps.add_row(str(i), *(fmt(d[key][i]) for key in (*DECODE_KEYS, "entropy_q50")))
     console.print(steps)
     console.print(f"median entropy of the {d['entropy_fed_back_count']} predictions fed back: "
-                  f"{fmt(d['entropy_fed_back_median'])} nats")
+                  f"{fmt(d['entropy_fed_back_median'])} nats (quantiles "
+                  + ", ".join(f"{q}: {fmt(v)}" for q, v in d["entropy_fed_back_quantiles"].items())
+                  + ")")
     if len(shown) < len(d["lam_mean"]):
         console.print(f"{len(shown)} of {len(d['lam_mean'])} steps shown; --json has every step")
     top = max((v for v in d["lam_q90"] if v is not None), default=0.0)

@@ -9,8 +9,10 @@ stages, in order:
 
   base, ar, binary, sm-iso-update, sm-iso-compute, sm-on
                     `smdlm pretrain`, resumed where an earlier attempt stopped
-  entropy           `smdlm inspect-lambda --decode` of the base at NFE L/4: the median entropy of
-                    the predictions SM would feed back, against the regime bar (ENTROPY_BAR)
+  entropy           `smdlm inspect-lambda --decode` of the base and of the binary continuation
+                    (more training tokens) at NFE L/4: the median entropy of the predictions SM
+                    would feed back, against the regime bar (ENTROPY_BAR), and how it falls with
+                    training
   lambda            `smdlm inspect-lambda --decode` of each SM run at NFE L/16
   cache             `smdlm evaluate sweep --sampler confidence` at NFE L/8: {no cache, dual cache}
                     x {threshold off, on}, each with binary and SM decoding
@@ -46,6 +48,7 @@ SM_RUNS = ("sm-iso-update", "sm-iso-compute", "sm-on")
 CACHE = {"no-cache": {}, "no-cache+threshold": {"threshold": True},
          "dual-cache": {"cache": "dual"}, "dual-cache+threshold": {"cache": "dual", "threshold": True}}
 ENTROPY_BAR = 1.0  # nats: the base's median fed-back entropy at NFE L/4 for λ to be able to act
+ENTROPY_RUNS = ("base", "binary")  # the bar's curve against training tokens: base, then + binary
 SMOKE_TRAIN = ["data.max_docs=30", "data.vocab_size=320", "model.length=32", "train.steps=4",
                "train.batch_size=4", "train.eval_every=2", "train.eval_batches=1",
                "train.save_every=2", "train.log_every=1", "train.warmup=1"]
@@ -180,9 +183,9 @@ def commands(plan: Plan, stage: str) -> list[list[str]]:
         return [_sweep(plan, ["sm-on"], plan.nfe, "genppl,entropy,mauve,elbo", c.samplers[0],
                        runs / stage)]
     if stage == "entropy":
-        return [["inspect-lambda", str(runs / "base"), "--json", "--decode", "--nfe",
+        return [["inspect-lambda", str(runs / r), "--json", "--decode", "--nfe",
                  str(plan.length // 4), "--num-samples", str(c.num_samples),
-                 "--decode-png", str(runs / "lambda" / "base-decode.png")]]
+                 "--decode-png", str(runs / "lambda" / f"{r}-decode.png")] for r in ENTROPY_RUNS]
     if stage == "lambda":
         return [["inspect-lambda", str(runs / r), "--json", "--decode", "--nfe",
                  str(plan.length // 16), "--num-samples", str(c.num_samples),
@@ -211,7 +214,7 @@ def needs(plan: Plan, stage: str) -> list[str]:
     if stage == "lambda":
         return list(SM_RUNS)
     if stage == "entropy":
-        return ["base"]
+        return list(ENTROPY_RUNS)
     if stage == "cache":
         return ["ar", "binary", "sm-iso-update"]
     if stage == "sm-on-sweep":

@@ -50,6 +50,8 @@ from smdlm_cli.core.softmask import SoftMask
 
 SAMPLERS = ("mdlm", "remdm-cap", "remdm-loop", "confidence", "ar")
 SM_SCHEDULES = ("none", "linear", "stepwise")
+# Quantiles of the pooled fed-back entropies a trace reports: where lambda's switch can act
+FED_BACK_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 # Options of every diffusion sampler: LLaDA's classifier-free guidance scale (guidance.py; 0 = off)
 COMMON = {"cfg_scale": 0.0}
 
@@ -321,6 +323,9 @@ def _fed_back_entropy(ent_log: list, masked_after: Tensor) -> dict:
         per_step.append(float(h.median()) if h.numel() else float("nan"))
         pooled.append(h)
     pooled = torch.cat(pooled) if pooled else torch.zeros(0)
+    qs = (pooled.quantile(torch.tensor(FED_BACK_QUANTILES)).tolist() if pooled.numel()
+          else [float("nan")] * len(FED_BACK_QUANTILES))
     return {"entropy_q50": per_step, "entropy_fed_back_median":
             float(pooled.median()) if pooled.numel() else float("nan"),
+            "entropy_fed_back_quantiles": dict(zip(map(str, FED_BACK_QUANTILES), qs)),
             "entropy_fed_back_count": int(pooled.numel())}

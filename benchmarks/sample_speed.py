@@ -13,6 +13,12 @@ extra forward). Uses the project's DiT when smdlm_cli.core.models.dit is importa
 of the same shape (embedding, pre-norm bidirectional transformer blocks, untied head).
 Ends with the line `sm/binary step time ratio: X` for the mdlm sampler.
 
+Binary decoding of the MDLM family runs the head and the log-softmax only at the positions a step
+unmasks; SM needs them at every mask (its feedback reads each mask's distribution). So SM/binary
+for mdlm / remdm is that head work plus the feedback itself: the `feedback ms/fwd` column times
+the feedback alone (Feedback.update, on the CPU clock; on CUDA after a synchronize, so read it as
+an upper bound there). The confidence sampler reads every mask either way.
+
 This is not a quality benchmark: the model is untrained.
 """
 
@@ -26,7 +32,25 @@ import torch
 
 from smdlm_cli.core.models.dit import build_dit
 from smdlm_cli.core.samplers import SAMPLERS, decode
+from smdlm_cli.core.samplers.feedback import Feedback
 from smdlm_cli.core.softmask import SoftMask
+
+
+def timed_feedback(clock) -> list[float]:
+    """Wrap Feedback.update so its time accumulates in the returned one-element list."""
+    spent, update = [0.0], Feedback.update
+
+    def wrapped(self, logp, *args, **kwargs):
+        if logp.values.is_cuda:
+            torch.cuda.synchronize()
+        start = clock()
+        update(self, logp, *args, **kwargs)
+        if logp.values.is_cuda:
+            torch.cuda.synchronize()
+        spent[0] += clock() - start
+
+    Feedback.update = wrapped
+    return spent
 
 
 def build_model(args, device):
@@ -91,19 +115,23 @@ def main() -> None:
           f"batch {args.batch} x {args.length}, {args.steps} steps, median of {args.repeats}, "
           f"{args.clock} clock")
     print(f"{'sampler':<11} {'NFE':>4} {'binary tok/s':>13} {'SM tok/s':>9} "
-          f"{'binary ms/fwd':>14} {'SM ms/fwd':>10} {'SM/binary':>10}")
+          f"{'binary ms/fwd':>14} {'SM ms/fwd':>10} {'feedback ms/fwd':>16} {'SM/binary':>10}")
     ratios = {}
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    spent = timed_feedback(clock)
     for sampler in args.samplers.split(","):
-        times, nfe = time_decodes(model, x, sampler, args.steps, softmask, args.repeats,
-                                  time.perf_counter if args.clock == "wall" else time.process_time,
+        spent[0] = 0.0
+        times, nfe = time_decodes(model, x, sampler, args.steps, softmask, args.repeats, clock,
                                   **extra.get(sampler, {}))
+        feedback = spent[0] / args.repeats / nfe["sm"]
         if nfe["binary"] != nfe["sm"]:
             raise SystemExit(f"{sampler}: NFE differs, binary {nfe['binary']} vs SM {nfe['sm']}")
         b, s = statistics.median(times["binary"]), statistics.median(times["sm"])
         tokens = args.batch * args.length
         ratios[sampler] = s / b
         print(f"{sampler:<11} {nfe['sm']:>4} {tokens / b:>13,.0f} {tokens / s:>9,.0f} "
-              f"{b / nfe['binary'] * 1e3:>14.1f} {s / nfe['sm'] * 1e3:>10.1f} {s / b:>10.3f}")
+              f"{b / nfe['binary'] * 1e3:>14.1f} {s / nfe['sm'] * 1e3:>10.1f} "
+              f"{feedback * 1e3:>16.1f} {s / b:>10.3f}")
     if "mdlm" in ratios:
         print(f"sm/binary step time ratio: {ratios['mdlm']:.3f}")
 

@@ -95,6 +95,26 @@ def test_head_runs_only_at_the_masks_of_each_step():
     assert sum(seen) < out.nfe * x.numel() / 2
 
 
+@pytest.mark.parametrize("sampler,kw", SAMPLERS[:3], ids=IDS[:3])
+def test_binary_mdlm_family_runs_the_head_only_where_it_unmasks(sampler, kw):
+    """Binary: rows through the head per forward = positions that step unmasks (the plan), then
+    the masks left for noise removal; the tokens are those of the full path (test above)."""
+    model = dit()
+    seen = []
+    model.output_layer.linear.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    x = batch(model)
+    out = decode(model, x, sampler=sampler, steps=10, softmask=None, generator_seeds=[0, 1, 2], **kw)
+    traced = decode(model, x, sampler=sampler, steps=10, softmask=None, generator_seeds=[0, 1, 2],
+                    trace=True, **kw)
+    assert torch.equal(out.tokens, traced.tokens) and out.nfe == traced.nfe
+    seen = seen[:out.nfe]  # the traced decode's forwards came after
+    unmasked = [sum(u) for u, f in zip(traced.trace["unmasked"], traced.trace["forward"]) if f]
+    left = sum(traced.trace["masks_left"][-1])
+    assert seen == unmasked + ([left] if traced.trace["noise_removal"] else [])
+    if sampler == "mdlm":  # no remasking: every generated position is read exactly once
+        assert sum(seen) == int((x == model.mask_id).sum())
+
+
 def test_row_log_probs_are_subs_log_probs_at_those_rows():
     model = dit()
     x = batch(model)

@@ -191,6 +191,10 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
     B, gen_counts = x.shape[0], gen_host.sum(-1).tolist()
 
     remasked = getattr(transition, "remasked", None)  # ReMDM: feedback at remasked positions
+    # Binary decoding of the MDLM family reads log p only where its plan unmasks (a trace reads
+    # the entropy at every mask, SM's feedback every mask's distribution): the head and the
+    # log-softmax run on those rows alone, one in (masks left / steps left) of the masks.
+    narrow = fb is None and not trace and hasattr(transition, "reads")
 
     def forward(x: Tensor, first: bool, i: int, rows: list[int]):
         """log p at the masks of `rows` (the rows something reads at step i; samplers/rows.py),
@@ -212,8 +216,13 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
             chain = transition.masked
             flat = positions(~chain[i] & chain[i + 1], fb_rows[i], [remasked[i][b] for b in fb_rows[i]])
             carry = (flat, x.reshape(-1).index_select(0, flat))
-        logp = forward_rows(model, masks, rows, [before[b] for b in rows], mask_id, keep, carry,
-                            attention_mask=model_mask, **inputs)
+        if narrow and i < steps:  # binary MDLM family: only the positions step i unmasks
+            where, counts = transition.reads(i)
+            logp = forward_rows(model, where, rows, [counts[b] for b in rows], mask_id, keep,
+                                attention_mask=model_mask, **inputs)
+        else:
+            logp = forward_rows(model, masks, rows, [before[b] for b in rows], mask_id, keep, carry,
+                                attention_mask=model_mask, **inputs)
         return logp, lam, is_mask
 
     snapshots, lam_log, ent_log = [x], [], []  # filled only with trace=True

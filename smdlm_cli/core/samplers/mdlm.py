@@ -77,6 +77,11 @@ class MaskChain:
         self.changes = [[u + r > 0 for u, r in zip(us, rs)]
                         for us, rs in zip(self.unmasked, self.remasked)]
 
+    def reads(self, i: int) -> tuple[Tensor, list[int]]:
+        """(positions (B, L), their count per row) where step i reads log p: the ones it unmasks.
+        A binary loop runs the head there only; SM's feedback needs every mask."""
+        return self.masked[i] & ~self.masked[i + 1], self.unmasked[i]
+
     def step(self, i: int, x: Tensor, logp: RowLogProbs, rows: Sequence[int]) -> Tensor:
         """x after step i: planned positions take a drawn token, planned remasks become mask.
         logp holds at least the masked positions of the listed rows (samplers/rows.py)."""

@@ -17,7 +17,8 @@ Binary decoding of the MDLM family runs the head and the log-softmax only at the
 unmasks; SM needs them at every mask (its feedback reads each mask's distribution). So SM/binary
 for mdlm / remdm is that head work plus the feedback itself: the `feedback ms/fwd` column times
 the feedback alone (Feedback.update, on the CPU clock; on CUDA after a synchronize, so read it as
-an upper bound there). The confidence sampler reads every mask either way.
+an upper bound there) and `share` its part of the SM step. The confidence sampler reads every mask
+either way.
 
 This is not a quality benchmark: the model is untrained.
 """
@@ -115,7 +116,8 @@ def main() -> None:
           f"batch {args.batch} x {args.length}, {args.steps} steps, median of {args.repeats}, "
           f"{args.clock} clock")
     print(f"{'sampler':<11} {'NFE':>4} {'binary tok/s':>13} {'SM tok/s':>9} "
-          f"{'binary ms/fwd':>14} {'SM ms/fwd':>10} {'feedback ms/fwd':>16} {'SM/binary':>10}")
+          f"{'binary ms/fwd':>14} {'SM ms/fwd':>10} {'feedback ms/fwd':>16} {'share':>6} "
+          f"{'SM/binary':>10}")
     ratios = {}
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     spent = timed_feedback(clock)
@@ -131,7 +133,7 @@ def main() -> None:
         ratios[sampler] = s / b
         print(f"{sampler:<11} {nfe['sm']:>4} {tokens / b:>13,.0f} {tokens / s:>9,.0f} "
               f"{b / nfe['binary'] * 1e3:>14.1f} {s / nfe['sm'] * 1e3:>10.1f} "
-              f"{feedback * 1e3:>16.1f} {s / b:>10.3f}")
+              f"{feedback * 1e3:>16.1f} {feedback * nfe['sm'] / s:>6.1%} {s / b:>10.3f}")
     if "mdlm" in ratios:
         print(f"sm/binary step time ratio: {ratios['mdlm']:.3f}")
 

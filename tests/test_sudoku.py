@@ -75,6 +75,22 @@ def test_the_prompt_is_never_masked_and_the_elbo_is_per_solution_cell():
     assert loss.item() == pytest.approx(obj.nll(logits, n).sum().item() / (8 * 81), rel=1e-6)
 
 
+def test_fed_back_entropy_of_blank_cells_leaves_out_the_given_copies():
+    """evaluate sudoku's blank-cell median pools trace["entropy"] only where the givens are
+    blank, at the traced rows' solution cells; NaN (nothing fed back) never counts."""
+    from smdlm_cli.evals.sudoku import LENGTH, _blank_entropies
+    givens = [EULER, "1" + EULER[1:]]
+    start = 1 + sudoku.CELLS
+    ent = torch.full((3, 2, LENGTH), float("nan"))
+    ent[0, 0, start + 0] = 0.5      # row 0, cell 0: blank in EULER
+    ent[1, 0, start + 2] = 0.01     # cell 2 holds the given 3: a copy, left out
+    ent[2, 1, start + 0] = 1.5      # row 1, cell 0: given "1" there, left out
+    ent[2, 1, start + 1] = 2.0      # row 1, cell 1: blank
+    ent[0, 1, 5] = 9.0              # a prompt position: never a solution cell
+    h = _blank_entropies(ent, givens, [start, start])
+    assert sorted(h.tolist()) == [0.5, 2.0]
+
+
 def test_sudoku_blocks_and_their_errors(tmp_path, monkeypatch):
     from smdlm_cli.core.data import build_corpus, iter_documents, prompt_length
     from smdlm_cli.core.errors import UserError
@@ -133,8 +149,11 @@ def test_evaluate_sudoku_report_is_consistent(chain):
 def test_json_figures_are_computed_from_the_run_outputs(chain):
     figures = json.loads((chain / "results-sudoku.json").read_text())
     base = json.loads((chain / "entropy" / "base.json").read_text())
-    assert figures["median_fed_back_entropy"] == base["results"][0]["fed_back"]["entropy_median"]
+    fb = base["results"][0]["fed_back"]
+    assert figures["median_fed_back_entropy"] == fb["entropy_median_blanks"]  # the blank cells
+    assert figures["median_fed_back_entropy_all_cells"] == fb["entropy_median"]
     assert 0 <= figures["median_fed_back_entropy"] <= math.log(258) + 1e-6
+    assert 0 < fb["count_blanks"] < fb["count"]  # the copies of givens are left out
     for run in ("sm-iso-update", "sm-iso-compute", "sm-on"):
         rows = [json.loads(line) for line in (chain / run / "metrics.jsonl").read_text().splitlines()]
         logs = [r for r in rows if "loss" in r]

@@ -17,6 +17,9 @@ import math
 from statistics import mean, stdev
 from typing import Callable
 
+import torch
+from torch import Tensor
+
 from smdlm_cli.core import sudoku
 from smdlm_cli.core.data import SUDOKU, sudoku_split
 from smdlm_cli.core.errors import UserError
@@ -44,18 +47,30 @@ def _clean(v: float) -> float | None:
     return None if v is None or math.isnan(v) else v
 
 
+def _blank_entropies(entropy: Tensor, givens: list[str], starts: list[int]) -> Tensor:
+    """The fed-back entropies (trace["entropy"], (steps, B, L), NaN where nothing was fed back)
+    at the blank cells of the traced rows: the cells a solver must find, without the solution
+    cells that only copy a given (near-certain, about half of all fed-back predictions)."""
+    blank = torch.zeros(entropy.shape[1:], dtype=torch.bool)
+    for j in range(entropy.shape[1]):
+        for c, ch in enumerate(givens[j]):
+            blank[j, starts[j] + c] = ch == sudoku.BLANK
+    h = entropy[:, blank].flatten()
+    return h[~h.isnan()]
+
+
 def solve(model, tok, puzzles: list[tuple[str, str]], nfe: int, seeds: int, decode: dict,
           on_batch: Callable[[int], None] | None = None) -> dict:
     """Decode every puzzle `seeds` times at `nfe` steps; per-seed scores, mean and standard error."""
     if model.config.model_length != LENGTH:
         raise UserError(f"model length {model.config.model_length}: expected {LENGTH} ([BOS], 81 "
                         f"givens, 81 cells), a model trained on data.source = \"sudoku\"")
-    runs, trace = [], None
+    runs, trace, starts = [], None, []
     for r in range(seeds):
         gen = generate(model, tok, [g for g, _ in puzzles], length=LENGTH, nfe=nfe,
                        seed=decode["seed"] + r * len(puzzles), trace=r == 0,
                        on_batch=on_batch, **{k: v for k, v in decode.items() if k != "seed"})
-        trace = trace or gen.trace
+        trace, starts = (trace, starts) if trace else (gen.trace, gen.start)
         scores = [sudoku.score(g, s, tok.decode(gen.tokens[j][gen.start[j]:]))
                   for j, (g, s) in enumerate(puzzles)]
         runs.append({"seed": decode["seed"] + r * len(puzzles),
@@ -69,7 +84,11 @@ def solve(model, tok, puzzles: list[tuple[str, str]], nfe: int, seeds: int, deco
         out[key], out[f"{key}_se"] = mean(xs), _clean(_se(xs))
     if trace is not None and "entropy_fed_back_median" in trace:
         lam = [v for v in trace["lam_mean"] if not math.isnan(v)]
+        blanks = _blank_entropies(trace["entropy"], [g for g, _ in puzzles], starts)
         out["fed_back"] = {"entropy_median": _clean(trace["entropy_fed_back_median"]),
                            "count": trace["entropy_fed_back_count"],
+                           "entropy_median_blanks":
+                               float(blanks.median()) if blanks.numel() else None,
+                           "count_blanks": int(blanks.numel()),
                            "lam_mean": mean(lam) if lam else None}
     return out

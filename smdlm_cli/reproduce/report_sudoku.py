@@ -48,18 +48,21 @@ def _entropy(plan, figures: dict) -> list[str]:
     if rep is None:
         return lines + ["*Not run yet: stage `entropy`.*", ""]
     r = rep["results"][0]
-    h = (r.get("fed_back") or {}).get("entropy_median")
+    fb = r.get("fed_back") or {}
+    h, h_all = fb.get("entropy_median_blanks"), fb.get("entropy_median")
     figures["median_fed_back_entropy"] = h
+    figures["median_fed_back_entropy_all_cells"] = h_all
     figures["median_fed_back_entropy_nfe"] = r["nfe"]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     return lines + [
         f"The base model decoding the {rep['puzzles']} test puzzles at NFE {r['nfe']} (the lowest "
-        f"NFE that feeds anything back; {rep['sampler']} sampler, binary masks): the median entropy "
-        f"of the {r['fed_back']['count']} predictions at the masks left after a step — what "
-        f"soft-masking would feed back — is **{'–' if h is None else f'{h:.3f}'} nats** (ln 9 = "
-        f"{math.log(9):.2f} is a uniform guess among the digits). It solves {_pct(r)} % of them and fills {_pct(r, 'cells')} % of their blanks correctly. "
-        f"Half or so of the fed-back predictions are copies of givens into the solution (near 0 "
-        f"nats), so read the median as \"most fed-back cells are near-certain\", not as \"the blanks "
-        f"are\".",
+        f"NFE that feeds anything back; {rep['sampler']} sampler, binary masks), first batch: the "
+        f"median entropy of the predictions at the masks left after a step — what soft-masking "
+        f"would feed back — is **{fmt(h)} nats** over the {fb.get('count_blanks', '–')} at blank "
+        f"cells (ln 9 = {math.log(9):.2f} is a uniform guess among the digits), and {fmt(h_all)} "
+        f"nats over all {fb.get('count', '–')}, which include the solution cells that copy a given "
+        f"(near-certain). It solves {_pct(r)} % of the puzzles and fills {_pct(r, 'cells')} % of "
+        f"their blanks correctly.",
         ""]
 
 

@@ -326,9 +326,15 @@ def _trace(snapshots: list[Tensor], lam_log: list, ent_log: list, run: list[bool
 
 
 def _fed_back_entropy(ent_log: list, masked_after: Tensor) -> dict:
+    """Per step and pooled statistics of H(p) at the masks a step leaves for a later forward, and
+    the map itself: `entropy` (steps, B, L), NaN where nothing was fed back (a caller can pool
+    over the positions it cares about, e.g. Sudoku's blank cells)."""
     per_step, pooled = [], []
-    for ent, left in zip(ent_log, masked_after):
+    maps = torch.full(masked_after.shape, float("nan"))
+    for i, (ent, left) in enumerate(zip(ent_log, masked_after)):
         h = ent.float().cpu()[left] if ent is not None else torch.zeros(0)
+        if ent is not None:
+            maps[i][left] = h
         per_step.append(float(h.median()) if h.numel() else float("nan"))
         pooled.append(h)
     pooled = torch.cat(pooled) if pooled else torch.zeros(0)
@@ -337,4 +343,4 @@ def _fed_back_entropy(ent_log: list, masked_after: Tensor) -> dict:
     return {"entropy_q50": per_step, "entropy_fed_back_median":
             float(pooled.median()) if pooled.numel() else float("nan"),
             "entropy_fed_back_quantiles": dict(zip(map(str, FED_BACK_QUANTILES), qs)),
-            "entropy_fed_back_count": int(pooled.numel())}
+            "entropy_fed_back_count": int(pooled.numel()), "entropy": maps}

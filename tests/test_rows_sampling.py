@@ -115,6 +115,24 @@ def test_binary_mdlm_family_runs_the_head_only_where_it_unmasks(sampler, kw):
         assert sum(seen) == int((x == model.mask_id).sum())
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_binary_blockwise_decoding_runs_the_head_only_at_the_block(cache):
+    """Block-wise decoding reads the block's candidates; the window of a prefix cache (or no
+    cache) also holds the later blocks' masks, which only SM's feedback reads."""
+    model = dit()
+    x = batch(model)
+    seen = {}
+    for name, softmask in (("binary", None), ("sm", sm())):
+        rows = seen[name] = []
+        hook = model.output_layer.linear.register_forward_hook(
+            lambda m, a, o, rows=rows: rows.append(a[0].shape[0]))
+        decode(model, x, sampler="confidence", steps=10, softmask=softmask, block_length=10,
+               cache=cache, threshold=0.2, generator_seeds=[0, 1, 2])
+        hook.remove()
+    block_masks = 3 * 10  # batch 3, blocks of 10 generated columns
+    assert max(seen["binary"]) <= block_masks < max(seen["sm"])
+
+
 def test_row_log_probs_are_subs_log_probs_at_those_rows():
     model = dit()
     x = batch(model)

@@ -153,8 +153,10 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
           if softmask is not None else None)
     nfe = 0
 
-    def forward(x: Tensor, a: int, b: int, cache, rows: list[int], counts: list[int]) -> RowLogProbs:
-        """log p over the window [a, b) at the masks of `rows`, counts[j] of them in rows[j]."""
+    def forward(x: Tensor, a: int, b: int, cache, rows: list[int], counts: list[int],
+                where: Tensor | None) -> RowLogProbs:
+        """log p over the window [a, b) at the masks of `rows` (those inside `where` (B, width)
+        if given), counts[j] of them in rows[j]."""
         kwargs = {"attention_mask": attention}
         if caching:
             kwargs["cache"] = cache.window(a, b)
@@ -165,6 +167,8 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
         else:
             kwargs["inputs_embeds"] = fb.embeds(x, a, b)[0]
         masks = (x[:, a:b] == mask_id) & real[:, a:b]
+        if where is not None:
+            masks = masks & where[:, a:b]
         return forward_rows(model, masks, rows, counts, mask_id, keep_mask, **kwargs)
 
     for j in range(n_blocks):
@@ -195,9 +199,13 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
             if caching and full:
                 cache, since_refresh = model.empty_cache(), 0
             a, b = (0, width) if full else (win_a, win_b)
-            # the window's masks: the block's, and the later blocks' when it reaches the end
+            # the window's masks: the block's, and the later blocks' when it reaches the end. SM's
+            # feedback reads them all; binary decoding reads the block's candidates only.
             in_window = [left[r] + (later[r] if b == width else 0) for r in rows]
-            logp = forward(x, a, b, cache, rows, in_window)
+            if fb is None:
+                logp = forward(x, a, b, cache, rows, [left[r] for r in rows], plan.in_block[j])
+            else:
+                logp = forward(x, a, b, cache, rows, in_window, None)
             nfe += 1
             since_refresh += 1
             w = slice(a, b)

@@ -18,6 +18,7 @@ from pathlib import Path
 from smdlm_cli.commands import sweep
 from smdlm_cli.reproduce import stages as reproduce
 from smdlm_cli.reproduce.outputs import training_summary
+from smdlm_cli.reproduce.report_entropy import entropy_section
 from smdlm_cli.reproduce.report_lambda import lambda_section
 from smdlm_cli.core.io import atomic_write_json, atomic_write_text, read_json
 
@@ -258,57 +259,6 @@ def _across_nfe(plan, figures: Path) -> list[str]:
     return lines
 
 
-def _entropy(plan, figures: dict) -> list[str]:
-    """The regime bar: how sure the base is about the predictions SM would feed back."""
-    nfe, bar = plan.length // 4, reproduce.ENTROPY_BAR
-    lines = ["## Is this a regime where λ can act?", ""]
-    file = plan.runs / "lambda" / "base.json"
-    if not file.is_file():
-        return lines + [_missing("entropy")]
-    d = read_json(file)["decode"]
-    h = d["entropy_fed_back_median"]
-    figures["median_fed_back_entropy"] = h
-    figures["entropy_bar"] = {"nfe": nfe, "max_nats": bar, "cleared": h is not None and h <= bar}
-    verdict = "clears" if h is not None and h <= bar else "does not clear"
-    lines += [
-        f"The base model (binary) decoding {plan.cfg.num_samples} samples at NFE {nfe} (L/4): the "
-        f"median entropy of the {d['entropy_fed_back_count']} predictions at the masks left after a "
-        f"step — what soft-masking feeds back — is **{'–' if h is None else f'{h:.3f}'} nats**; "
-        f"the bar is {bar:g} nat, which it {verdict}. λ = ω_s·σ(ω_a(−H − ω_b)) is near ω_s for H "
-        f"well below −ω_b = {-plan.recipes['sm-iso-update'].softmask.centre:g} (the runs' start) "
-        f"and near 0 far above it.", ""]
-    return lines + _entropy_curve(plan, figures)
-
-
-def _entropy_curve(plan, figures: dict) -> list[str]:
-    """The bar's measure against training tokens: the base, then the base + its binary
-    continuation (reproduce.ENTROPY_RUNS), with the quantiles of the fed-back entropies."""
-    curve, tokens = [], 0
-    for name in reproduce.ENTROPY_RUNS:
-        file, summary = plan.runs / "lambda" / f"{name}.json", training_summary(plan, name)
-        if not file.is_file() or summary is None:
-            break
-        tokens += summary["tokens"]  # a continuation's count adds to the base's
-        d = read_json(file)["decode"]
-        curve.append({"run": name, "training_tokens": tokens, "median": d["entropy_fed_back_median"],
-                      "quantiles": d["entropy_fed_back_quantiles"],
-                      "count": d["entropy_fed_back_count"]})
-    if len(curve) < 2:
-        return []
-    figures["fed_back_entropy_curve"] = curve
-    qs = list(curve[0]["quantiles"])
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    out = ["How it falls with training: the same measure for the binary continuation (the base "
-           "trained further on the continuations' data). Entropies in nats; the quantiles are over "
-           "all fed-back predictions of the samples.", "",
-           "| model | training tokens | median | " + " | ".join(f"q{q}" for q in qs) + " |",
-           "|---" * (3 + len(qs)) + "|"]
-    for c in curve:
-        out.append(f"| {c['run']} | {c['training_tokens']:,} | {fmt(c['median'])} | "
-                   + " | ".join(fmt(c["quantiles"][q]) for q in qs) + " |")
-    return out + [""]
-
-
 def _power(plan, figures: dict) -> list[str]:
     """Statistical power: the largest standard errors of the continuations' cells."""
     rel, mauve = [], []
@@ -406,7 +356,7 @@ def write(plan, record: dict) -> Path:
     numbers = {"median_fed_back_entropy": None, "omega_s_final": {}, "sm_steps": {},
                "verdicts": {"better": 0, "worse": 0, "same": 0}}
     omega_figures(plan, numbers)
-    lines = (header(plan, record) + _training(plan, record) + _entropy(plan, numbers)
+    lines = (header(plan, record) + _training(plan, record) + entropy_section(plan, numbers)
              + _main_table(plan) + _power(plan, numbers) + _comparisons(plan, numbers)
              + lambda_section(plan, figures) + _switched_on(plan, figures)
              + _cache(plan) + _across_nfe(plan, figures)

@@ -19,14 +19,16 @@ from smdlm_cli.reproduce import stages as reproduce
 def lambda_section(plan, figures: Path) -> list[str]:
     lines = ["## λ behaviour", "",
              "Does ω_s grow from its initial value, as the paper reports? ω_s = sigmoid(raw), and "
-             "Adam moves raw by at most about its learning rate per update; ω receives a gradient "
-             "only in SM steps. The table gives the move of raw the run made, the most it could "
-             "have made (lr × SM steps), and the move that ω_s = 1/2 needs (−logit(initial "
+             "Adam moves raw by about its learning rate per update while the gradient's sign holds; "
+             "ω receives a gradient only in SM steps (Adam's momentum still moves it in the binary "
+             "steps between them, so a run can exceed lr × SM steps). The table gives the move of "
+             "raw the run made, lr × SM steps, and the move that ω_s = 1/2 needs (−logit(initial "
              "scale)). ω_s is not the only gate: λ/ω_s is ½ at entropy H = −ω_b and falls "
              "steeply above it, so predictions of high entropy are fed back with λ ≈ 0 whatever "
-             "ω_s. The median entropy of the masked predictions fed back while decoding is read "
-             "off λ's median (λ is monotone in H).", "",
-             "| run | ω_s initial → final | ω_b | ω_a | raw move: made / at most / needed "
+             "ω_s. The median entropy of the masked predictions fed back while decoding is "
+             "measured at the masks each step leaves for a later forward (inspect-lambda "
+             "--decode).", "",
+             "| run | ω_s initial → final | ω_b | ω_a | raw move: made / lr × SM steps / needed "
              f"| λ at H = 0 | mean λ over masks, NFE {plan.length // 16} | share of masks with "
              "λ > 0.1 | median H while decoding (nats) |", "|---|---|---|---|---|---|---|---|---|"]
     found = {}

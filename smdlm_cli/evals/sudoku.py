@@ -65,12 +65,13 @@ def solve(model, tok, puzzles: list[tuple[str, str]], nfe: int, seeds: int, deco
     if model.config.model_length != LENGTH:
         raise UserError(f"model length {model.config.model_length}: expected {LENGTH} ([BOS], 81 "
                         f"givens, 81 cells), a model trained on data.source = \"sudoku\"")
-    runs, trace, starts = [], None, []
+    runs, trace, starts = [], None, []  # the first seed's trace and its rows' start columns
     for r in range(seeds):
         gen = generate(model, tok, [g for g, _ in puzzles], length=LENGTH, nfe=nfe,
                        seed=decode["seed"] + r * len(puzzles), trace=r == 0,
                        on_batch=on_batch, **{k: v for k, v in decode.items() if k != "seed"})
-        trace, starts = (trace, starts) if trace else (gen.trace, gen.start)
+        if r == 0:
+            trace, starts = gen.trace, gen.start
         scores = [sudoku.score(g, s, tok.decode(gen.tokens[j][gen.start[j]:]))
                   for j, (g, s) in enumerate(puzzles)]
         runs.append({"seed": decode["seed"] + r * len(puzzles),

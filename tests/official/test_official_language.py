@@ -77,9 +77,9 @@ def test_mdlm_family_with_sm_is_the_official_sampler_at_batch_1(sampler, kw, k, 
         # code has log(p + 1e-10): |dH| <= V * 1e-10 (softmask.py), which moves lambda by at most
         # steepness / 4 * |dH| and an input embedding by that times |mixed - E[MASK]| <= 2 max |E|
         # per forward; the next forwards' logits carry it on (measured up to 2.2x that with ReMDM),
-        # so 4x that bound
+        # so the tolerance is 4x that bound
         steep, top = float(sm.steepness.detach()), float(model.embedding_weight().detach().abs().max())
-        bound = 4 * steep / 4 * V * 1e-10 * 2 * top
+        bound = 4 * (steep / 4 * V * 1e-10 * 2 * top)
         for got, want in zip(embeds, ref_embeds):
             assert (got is None) == (want is None)
             if want is not None:

@@ -199,12 +199,11 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
             if caching and full:
                 cache, since_refresh = model.empty_cache(), 0
             a, b = (0, width) if full else (win_a, win_b)
-            # the window's masks: the block's, and the later blocks' when it reaches the end. SM's
-            # feedback reads them all; binary decoding reads the block's candidates only.
-            in_window = [left[r] + (later[r] if b == width else 0) for r in rows]
-            if fb is None:
+            if fb is None:  # binary decoding reads the block's candidates only
                 logp = forward(x, a, b, cache, rows, [left[r] for r in rows], plan.in_block[j])
-            else:
+            else:  # SM's feedback reads every mask of the window: the block's, and the later
+                # blocks' when the window reaches the end
+                in_window = [left[r] + (later[r] if b == width else 0) for r in rows]
                 logp = forward(x, a, b, cache, rows, in_window, None)
             nfe += 1
             since_refresh += 1

@@ -162,3 +162,20 @@ def test_no_host_sync_inside_the_loop_with_row_logits(sampler, kw, monkeypatch):
     decode(model, batch(model), sampler=sampler, steps=10, softmask=sm(),
            generator_seeds=[0, 1, 2], **kw)
     assert len(seen) > 2 and set(seen) == {seen[0]} and count[0] == seen[0]
+
+
+@pytest.mark.parametrize("sampler,kw", [("mdlm", {}), ("confidence", {"alg": "entropy"})])
+def test_feedback_in_small_cpu_chunks_is_the_feedback_in_one(sampler, kw, monkeypatch):
+    """The CPU feedback goes through reused (chunk, V) buffers: chunks of 5 rows (a ragged last
+    one at most steps) give the same lambda at every step and the same tokens as one chunk."""
+    from smdlm_cli.core.samplers.feedback import Feedback
+
+    model, x = dit(), batch(model := dit())
+    args = dict(sampler=sampler, steps=10, softmask=sm(), generator_seeds=[0, 1, 2], trace=True,
+                **kw)
+    monkeypatch.setattr(Feedback, "CPU_CHUNK_BYTES", 1 << 40)
+    whole = decode(model, x, **args)
+    monkeypatch.setattr(Feedback, "CPU_CHUNK_BYTES", 5 * 8 * 97)  # 5 float64 rows of V = 97
+    chunked = decode(model, x, **args)
+    assert torch.equal(chunked.tokens, whole.tokens)
+    assert torch.equal(chunked.trace["lam"], whole.trace["lam"]) and whole.trace["lam"].max() > 0.1

@@ -69,6 +69,14 @@ def test_sampler_entropy_is_the_official_formula_within_its_epsilon():
         lam_train = sm.feedback(logits, torch.ones(6, dtype=torch.bool))[0]
         lam_sampler = sm.feedback(logp, torch.ones(6, dtype=torch.bool), normalized=True)[0]
     torch.testing.assert_close(lam_sampler, lam_train, rtol=0, atol=1e-5)
+    weight = torch.randn(vocab, 8, generator=g)
+    kept = logp.clone()
+    with torch.no_grad():  # a reused scratch (the CPU samplers') changes no bit, and not log p
+        plain = sm.mixture(logp, weight, normalized=True)
+        scratch = torch.full_like(logp, float("nan"))
+        reused = sm.mixture(logp, weight, normalized=True, scratch=scratch)
+    assert all(torch.equal(a, b) for a, b in zip(plain, reused))
+    assert torch.equal(logp, kept) and not scratch.isnan().any()
 
 
 @pytest.mark.parametrize("keep_mask", [False, True])

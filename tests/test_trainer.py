@@ -72,8 +72,12 @@ def test_sm_steps_count_two_forwards_and_train_omega(tmp_path):
 
 
 def test_forward_budget_stops_early(tmp_path):
-    result = run(tmp_path, True, steps=100, max_forward_passes=15)
+    result = run(tmp_path, True, steps=100, max_forward_passes=15, log_every=10)
     assert 15 <= result.forwards <= 16 and result.step < 15
+    # the last step is logged off the log_every grid: a summary reads the run's true counts
+    logs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [x for x in logs if "loss" in x][-1]
+    assert last["step"] == result.step and last["forwards"] == result.forwards
 
 
 def test_resume_equals_uninterrupted(tmp_path):

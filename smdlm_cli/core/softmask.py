@@ -94,14 +94,19 @@ def _entropy(p: Tensor) -> Tensor:
     return -p.add(_ENT_EPS).log_().mul_(p).sum(-1)
 
 
-def _entropy_of_log_probs(p: Tensor, logp: Tensor) -> Tensor:
-    """-sum p log p over the last axis, from log p and p = exp(log p): one multiply and a sum over
+def _entropy_of_log_probs(logp: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """-sum p log p over the last axis, from log p: p = exp(log p), one multiply and a sum over
     (N, V), where _entropy's log(p + 1e-10) costs a logarithm and two more passes (about twice the
     time at V = 50k on a CPU). Differs from the official formula by at most V * 1e-10 nats
     (p log(1 + 1e-10 / p) <= 1e-10 per entry): 5e-6 at V = 50k, 1.5e-5 at Dream's 152k; pinned by
     test_softmask.py. The samplers' feedback only (no gradient); training keeps the official one.
+
+    scratch: an (N, V) fp32 buffer written over (p and p log p go through it, nothing else is
+    allocated). The CPU samplers pass one they reuse: a fresh (N, V) temporary of a few MB is a
+    fresh mapping, page-faulted in at every call, which costs more than the arithmetic.
     """
-    return -(p * logp).sum(-1)
+    p = logp.exp() if scratch is None else torch.exp(logp, out=scratch)
+    return -p.mul_(logp).sum(-1)
 
 
 class SoftMask(nn.Module):
@@ -160,10 +165,13 @@ class SoftMask(nn.Module):
 
     # --- lambda and the top-k mixture ---------------------------------------------------------
     def _scores_probs_entropy(self, logits: Tensor, normalized: bool = False,
-                              mask_id: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                              mask_id: int | None = None, scratch: Tensor | None = None
+                              ) -> tuple[Tensor, Tensor | None, Tensor]:
         """(scores, p, H): p the distribution fed back, H its entropy, and scores whose order is
         p's and whose softmax over any subset is p renormalised on it (log p, or raw logits:
-        both only shift each row), for the top k.
+        both only shift each row), for the top k. p is None where nothing reads it (a sampler's
+        log p without a temperature: only the top k of the scores is mixed); `scratch`, an
+        (N, V) fp32 buffer, then holds its temporaries.
 
         Logits are constants here (the paper's second pass sees the first as data), in fp32.
         mask_id: raw logits whose [MASK] column is dropped (SUBS never predicts the mask).
@@ -176,10 +184,10 @@ class SoftMask(nn.Module):
         if self.raw_temperature is not None:  # a temperature reshapes even log p; it learns
             z = torch.log_softmax(z / self.temperature, dim=-1)
             p = z.exp()
-        elif normalized:  # a sampler's log p: H = -sum p log p reads it, no log pass
+        elif normalized and not torch.is_grad_enabled():  # a sampler's log p: no log pass
+            return z, None, _entropy_of_log_probs(z, scratch)
+        elif normalized:
             p = z.exp()
-            if not torch.is_grad_enabled():
-                return z, p, _entropy_of_log_probs(p, z)
         else:  # raw logits: one softmax pass, no log p needed (the top k reads the logits)
             p = torch.softmax(z, dim=-1)
         return z, p, _entropy(p)
@@ -212,14 +220,17 @@ class SoftMask(nn.Module):
         return self.raw_temperature is not None
 
     def mixture(self, logits: Tensor, weight: Tensor, normalized: bool = False,
-                mask_id: int | None = None) -> tuple[Tensor, Tensor]:
+                mask_id: int | None = None, scratch: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
         """(lambda (N,), mixed (N, D)) for logit rows (N, V) of masked positions only.
 
         mixed = sum_i pi_i E[v_i] over the top k, or with the temperature variant sum_v p_v E[v]
         over the whole vocabulary: one (N, V) @ (V, D) product, exact, but only at the N masks
-        (never the official dense (B, L, V) one). Arguments as in `feedback`.
+        (never the official dense (B, L, V) one). Arguments as in `feedback`; `scratch`, an (N, V)
+        fp32 buffer the caller reuses, takes the entropy's temporaries (used without gradients on
+        log-probabilities, the samplers' case).
         """
-        scores, p, entropy = self._scores_probs_entropy(logits, normalized, mask_id)
+        scores, p, entropy = self._scores_probs_entropy(logits, normalized, mask_id, scratch)
         lam = self.lam_from_entropy(entropy)
         if self.dense:
             return lam, p.to(weight.dtype) @ weight

@@ -220,7 +220,8 @@ class _Run:
         n = self.n
         n.first_val = n.first_val or val
         n.last_val, n.last_eval = val, n.step
-        self.emit({"step": n.step, "forwards": n.forwards, **val})
+        self.emit({"step": n.step, "forwards": n.forwards, "sm_steps": n.sm_steps,
+                   "tokens": n.tokens, **val})
         loss = val.get("val_loss", val["val_nll"])
         if self.on_best is not None and n.step > 0 and (n.best_val is None or loss < n.best_val):
             n.best_val = loss  # the official load_best_model_at_end: lowest eval loss wins
@@ -319,9 +320,12 @@ def fit(backbone: nn.Module, softmask: SoftMask | None, cfg: TrainConfig, sm_cfg
     if n.step == 0:
         run.validate()
     t0, tokens0 = time.perf_counter(), n.tokens
-    while n.step < cfg.steps and not (cfg.max_forward_passes and n.forwards >= cfg.max_forward_passes):
+
+    def done() -> bool:  # the step budget, or the forward-pass budget (iso-compute runs)
+        return n.step >= cfg.steps or bool(cfg.max_forward_passes and n.forwards >= cfg.max_forward_passes)
+    while not done():
         loss_sum, grad_norm, use_sm, factor = run.train_step()
-        if n.step % cfg.log_every == 0 or n.step == cfg.steps:
+        if n.step % cfg.log_every == 0 or done():  # the last step is always logged
             rate = (n.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
             run.log(loss_sum, grad_norm, use_sm, factor, rate)
         if n.step % cfg.eval_every == 0:

@@ -28,8 +28,12 @@ def training_summary(plan, name: str) -> dict | None:
     vals = [r for r in records if "val_nll" in r]
     last = logs[-1] if logs else {}
     steps, forwards = vals[-1]["step"], vals[-1]["forwards"]
+    # the final validation record counts SM steps and tokens at the last step; runs written before
+    # it did fall back to the last logged step (`counted_at` says which)
+    counts = vals[-1] if "sm_steps" in vals[-1] else last
     return {"recipe": recipe, "steps": steps, "forwards": forwards,
-            "sm_steps": last.get("sm_steps"), "tokens": last.get("tokens"),
+            "sm_steps": counts.get("sm_steps"), "tokens": counts.get("tokens"),
+            "counted_at": counts.get("step", steps),
             "tokens_per_s": last.get("tokens_per_s"), "first_val": vals[0]["val_nll"],
             "last_val": vals[-1]["val_nll"],
             "omega": {k: [r[k] for r in logs if k in r] for k in ("scale", "centre", "steepness")},

@@ -106,8 +106,9 @@ def training_table(plan, record: dict, intro: str) -> list[str]:
             continue
         secs = record.get("stages", {}).get(name, {}).get("seconds")
         scale = s["omega"]["scale"][-1] if s["omega"]["scale"] else None
-        lines.append(f"| {name} | {ROLES[name]} | {s['steps']} | {s['sm_steps']} | "
-                     f"{s['forwards']} | {s['tokens'] or 0:,} | {'–' if secs is None else f'{secs:.0f}'}"
+        at = "" if s["counted_at"] == s["steps"] else f" (at step {s['counted_at']})"
+        lines.append(f"| {name} | {ROLES[name]} | {s['steps']} | {s['sm_steps']}{at} | "
+                     f"{s['forwards']} | {s['tokens'] or 0:,}{at} | {'–' if secs is None else f'{secs:.0f}'}"
                      f" | {s['first_val']:.4f} → {s['last_val']:.4f} | "
                      f"{'–' if scale is None else f'{scale:.3g}'} |")
     return lines + [""]
@@ -117,7 +118,9 @@ def _training(plan, record: dict) -> list[str]:
     return training_table(plan, record, "Validation ELBO is the bound in nats per token on held-out "
                           "stdlib files (the AR row: next-token NLL), at the first and the last "
                           "evaluation of the run; an SM run is evaluated with its soft-masking. ω_s "
-                          "is the learned scale at the end.")
+                          "is the learned scale at the end. SM steps and tokens are counted at the last step; a run "
+                          "trained before the trainer logged its last step off the log grid says "
+                          "at which step they were counted.")
 
 
 def _main_table(plan) -> list[str]:

@@ -40,9 +40,13 @@ class RowLogProbs:
     batch: int
     width: int
 
-    def take(self, flat: Tensor) -> Tensor:
-        """The rows of the flat positions `flat` (into the (B, W) window), in their order."""
-        return self.values.index_select(0, self.slot.index_select(0, flat))
+    def take(self, flat: Tensor, out: Tensor | None = None) -> Tensor:
+        """The rows of the flat positions `flat` (into the (B, W) window), in their order; into
+        `out` (len(flat), V) when given."""
+        slots = self.slot.index_select(0, flat)
+        if out is None:
+            return self.values.index_select(0, slots)
+        return torch.index_select(self.values, 0, slots, out=out)
 
 
 def masked_log_probs(logits: Tensor, mask_id: int, keep_mask: bool) -> Tensor:

@@ -3,7 +3,7 @@
     python benchmarks/sample_speed.py [--vocab 32768] [--hidden 256] [--blocks 4] [--heads 4]
                                       [--length 256] [--batch 8] [--steps 16] [--repeats 3]
                                       [--samplers mdlm,remdm-cap,remdm-loop,confidence]
-                                      [--sm-k 3] [--device auto]
+                                      [--sm-k 3] [--device auto] [--compile]
 
 Unconditional generation of batch x length tokens. The mask plan and the k table never depend on
 the model's predictions, so binary and SM runs with the same seeds run exactly the same forwards
@@ -20,6 +20,9 @@ the feedback alone (Feedback.update, on the CPU clock; on CUDA after a synchroni
 an upper bound there) and `share` its part of the SM step. The confidence sampler reads every mask
 either way.
 
+--compile: the blocks through torch.compile (as `smdlm sample --compile`), compiled during the
+warm-up decode; the head and the sampling stay eager.
+
 This is not a quality benchmark: the model is untrained.
 """
 
@@ -31,6 +34,7 @@ import time
 
 import torch
 
+from smdlm_cli.core.compiling import compile_blocks
 from smdlm_cli.core.models.dit import build_dit
 from smdlm_cli.core.samplers import SAMPLERS, decode
 from smdlm_cli.core.samplers.feedback import Feedback
@@ -100,12 +104,16 @@ def main() -> None:
     ap.add_argument("--samplers", default=",".join(SAMPLERS))
     ap.add_argument("--sm-k", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the blocks")
     ap.add_argument("--clock", choices=("wall", "process"), default="wall",
                     help="process: this process's CPU time (stable on a shared CPU machine)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     model, kind = build_model(args, device)
+    if args.compile:
+        compile_blocks(model, "--compile", "leave --compile out")
+        kind += " (blocks compiled)"
     # mid-range omegas so lambda is neither 0 nor saturated: the feedback does its full work
     softmask = SoftMask(k=args.sm_k, scale=0.5, centre=-4.0, steepness=2.0).to(device)
     x = torch.full((args.batch, args.length), model.mask_id, dtype=torch.long, device=device)

@@ -55,3 +55,38 @@ def test_compile_without_a_c_compiler_is_one_line(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="train.compile = true: no C compiler"):
         compiling.compile_blocks(setup(False)[0])
+
+
+def test_compiled_decoding_samples_what_eager_decoding_samples(tmp_path, monkeypatch):
+    """`sample --compile` (aot_eager here, as above) runs every block through its compiled
+    forward and writes the samples eager decoding writes; a KV cache is refused in one line."""
+    from typer.testing import CliRunner
+
+    from runs import make_run
+    from smdlm_cli.cli.app import app
+    from smdlm_cli.core.softmask import SoftMask
+
+    real, calls = torch.compile, []
+
+    def counted(fn, **kwargs):
+        compiled = real(fn, backend="aot_eager")
+
+        def run(*args, **kw):
+            calls.append(fn)
+            return compiled(*args, **kw)
+        return run
+    monkeypatch.setattr(torch, "compile", counted)
+    run_dir = make_run(tmp_path / "sm", SoftMask(k=3, scale=0.9, centre=-6.0, steepness=2.0))
+    runner, rows = CliRunner(), {}
+    for flags in ((), ("--compile",)):
+        out = tmp_path / f"{len(flags)}.jsonl"
+        result = runner.invoke(app, ["sample", "--ckpt", str(run_dir), "--out", str(out),
+                                     "--nfe", "6", "--num-samples", "3", *flags])
+        assert result.exit_code == 0, result.output
+        rows[flags] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(calls) == (0 if not flags else 2 * rows[flags][0]["nfe"])  # 2 blocks a forward
+    assert [r["tokens"] for r in rows[()]] == [r["tokens"] for r in rows[("--compile",)]]
+    result = runner.invoke(app, ["sample", "--ckpt", str(run_dir), "--out", str(tmp_path / "x.jsonl"),
+                                 "--compile", "--sampler", "confidence", "-o", "cache=prefix"])
+    assert result.exit_code == 2 and "--compile with cache = prefix" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "x.jsonl").exists()

@@ -19,9 +19,9 @@ evaluate_app = typer.Typer(name="evaluate", no_args_is_help=True, add_completion
                                 "lm-eval.")
 
 CODE_DECODING = ("ckpt", "nfe", "k", "sampler", "batch_size", "top_p", "temperature", "option",
-                 "seed", "sm_schedule", "exact", "device")
+                 "seed", "sm_schedule", "exact", "device", "compile")
 TEXT_DECODING = ("ckpt", "nfe", "k", "sampler", "num_samples", "batch_size", "length", "top_p",
-                 "temperature", "option", "seed", "sm_schedule", "exact", "device")
+                 "temperature", "option", "seed", "sm_schedule", "exact", "device", "compile")
 
 Dataset = Annotated[Optional[str], typer.Option("--dataset", help="local JSONL or HF dataset name; "
                                                 "default the benchmark's")]

@@ -82,6 +82,10 @@ DECODING = {
         None),
     "device": (Device, "auto"),
     "ckpt": (Ckpt, None),
+    "compile": (Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the transformer blocks for decoding without a KV cache "
+                          "(needs a C compiler; the first forwards are slower while it "
+                          "compiles)")], False),
 }
 
 

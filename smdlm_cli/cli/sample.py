@@ -12,7 +12,7 @@ from smdlm_cli.core.errors import UserError
 
 
 @decoding("ckpt", "nfe", "k", "sampler", "num_samples", "batch_size", "length", "top_p",
-          "temperature", "option", "seed", "sm_schedule", "exact", "device", nfe=128)
+          "temperature", "option", "seed", "sm_schedule", "exact", "device", "compile", nfe=128)
 def sample(
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="text every sample "
                                                         "starts with (repeatable: rows cycle)")] = None,

@@ -19,7 +19,7 @@ from typing import Callable
 
 from rich.console import Console
 
-from smdlm_cli.core import rundir
+from smdlm_cli.core import compiling, rundir
 from smdlm_cli.core.runlock import check_output
 from smdlm_cli.core.validate import read_text
 from smdlm_cli.core.distributed import resolve_device
@@ -52,6 +52,7 @@ class SampleSettings:
     out: str | None = None
     options: dict = field(default_factory=dict)  # further sampler options (--option KEY=VALUE)
     chat: bool = False              # prompts go through the tokenizer's chat template
+    compile: bool = False           # torch.compile the blocks (decoding without a KV cache)
 
 
 # Why every generation can come out empty, and what to try: said once, by sample and evaluate.
@@ -111,6 +112,8 @@ def decode_settings(s: SampleSettings, run: rundir.Run) -> dict:
     recorded = run.decoding.get("options", {}) if sampler == run.decoding.get("sampler") else {}
     options = {**recorded, **sampler_options(s)}
     validate_sampler_args(sampler, steps=s.nfe, **options)
+    if s.compile:  # here, where every command's decoding settings are fixed: compiled once
+        compiling.compile_for_decoding(run.model, sampler, options)
     return dict(sampler=sampler, nfe=s.nfe, softmask=choose_softmask(run.softmask, s.k),
                 seed=s.seed, batch_size=s.batch_size, sm_schedule=s.sm_schedule, exact=s.exact,
                 options=options)

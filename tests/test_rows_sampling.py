@@ -164,18 +164,29 @@ def test_no_host_sync_inside_the_loop_with_row_logits(sampler, kw, monkeypatch):
     assert len(seen) > 2 and set(seen) == {seen[0]} and count[0] == seen[0]
 
 
-@pytest.mark.parametrize("sampler,kw", [("mdlm", {}), ("confidence", {"alg": "entropy"})])
+@pytest.mark.parametrize("sampler,kw", [("mdlm", {}), ("remdm-cap", {"eta": 0.3}),
+                                        ("confidence", {"alg": "entropy"}),
+                                        ("confidence", {"cache": "prefix", "block_length": 10})])
 def test_feedback_in_small_cpu_chunks_is_the_feedback_in_one(sampler, kw, monkeypatch):
-    """The CPU feedback goes through reused (chunk, V) buffers: chunks of 5 rows (a ragged last
-    one at most steps) give the same lambda at every step and the same tokens as one chunk."""
+    """The CPU feedback goes through reused buffers in chunks: chunks of 10 rows (a ragged last
+    one at most steps) give the same tokens and lambda as one chunk, and so do the two ways rows
+    reach it: straight from the forward's rows (decoding) and gathered at the masks left (a
+    trace, which reads every row)."""
     from smdlm_cli.core.samplers.feedback import Feedback
 
-    model, x = dit(), batch(model := dit())
-    args = dict(sampler=sampler, steps=10, softmask=sm(), generator_seeds=[0, 1, 2], trace=True,
-                **kw)
+    model = dit()
+    x = batch(model)
+    args = dict(sampler=sampler, steps=10, softmask=sm(), generator_seeds=[0, 1, 2], **kw)
+    planned = "cache" not in kw  # block-wise decoding has no trace
+
+    def both():
+        return decode(model, x, **args), decode(model, x, trace=True, **args) if planned else None
     monkeypatch.setattr(Feedback, "CPU_CHUNK_BYTES", 1 << 40)
-    whole = decode(model, x, **args)
-    monkeypatch.setattr(Feedback, "CPU_CHUNK_BYTES", 5 * 8 * 97)  # 5 float64 rows of V = 97
-    chunked = decode(model, x, **args)
-    assert torch.equal(chunked.tokens, whole.tokens)
-    assert torch.equal(chunked.trace["lam"], whole.trace["lam"]) and whole.trace["lam"].max() > 0.1
+    whole, traced = both()
+    monkeypatch.setattr(Feedback, "CPU_CHUNK_BYTES", 10 * 4 * 97)  # 10 rows of V = 97
+    chunked, traced_chunked = both()
+    for out in (chunked,) + ((traced, traced_chunked) if planned else ()):
+        assert torch.equal(out.tokens, whole.tokens) and out.nfe == whole.nfe
+    if planned:
+        assert torch.equal(traced_chunked.trace["lam"], traced.trace["lam"])
+        assert traced.trace["lam"].max() > 0.1

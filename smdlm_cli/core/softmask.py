@@ -103,7 +103,7 @@ def _entropy_of_log_probs(logp: Tensor, scratch: Tensor | None = None) -> Tensor
 
     scratch: an (N, V) fp32 buffer written over (p and p log p go through it, nothing else is
     allocated). The CPU samplers pass one they reuse: a fresh (N, V) temporary of a few MB is a
-    fresh mapping, page-faulted in at every call, which costs more than the arithmetic.
+    fresh mapping, page-faulted in at every call (samplers/feedback.py gives the cost).
     """
     p = logp.exp() if scratch is None else torch.exp(logp, out=scratch)
     return -p.mul_(logp).sum(-1)

@@ -213,8 +213,8 @@ def decode(model, x: Tensor, real: Tensor, has_mask: bool, generators: Sequence[
             ks_rows = None if rule is not None else [plan.k[i][r] for r in rows]
             new = confidence.commit(x[:, w], logp, cand, rows, counts, ks_rows, k, generators, o,
                                     mask_id, rule, keep_mask)
-            if fb is not None:  # from this forward, at the step's masks (committed ones go unused)
-                fb.update(logp, x, rows, in_window, a)
+            if fb is not None:  # at every mask the forward read (committed ones go unused)
+                fb.update(logp, start=a)
             x = new if b - a == width else torch.cat((x[:, :a], new, x[:, b:]), dim=1)
 
     if any(shift):  # back to the caller's columns

@@ -251,7 +251,7 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
                         read = list(range(B))
                 logp, lam, is_mask = forward(x, n == 0, i, rows if i >= steps else read)
                 if i == steps:  # settle: the feedback noise removal starts from
-                    fb.update(logp, x, settle, [left[-1][b] for b in settle])
+                    fb.update(logp)  # the forward read exactly the settling rows' masks
                     continue
                 if i == steps + 1:  # noise removal: argmax of the unfiltered p at the masks left
                     if keep:  # a kept [MASK] column is never a token to decode to
@@ -262,7 +262,10 @@ def decode(model, x: Tensor, *, sampler: str, steps: int, softmask: SoftMask | N
                 if rows:
                     x = transition.step(i, x, logp, rows)
                 if fb is not None and n + 1 < len(forward_steps):
-                    fb.update(logp, x, fb_rows[i], fb_counts[i])
+                    if read == fb_rows[i]:  # the forward read exactly the rows to refresh
+                        fb.update(logp)
+                    else:  # a trace reads every row; only fb_rows[i] take this feedback
+                        fb.update(logp, x, fb_rows[i], fb_counts[i])
                 # H(p) where a later forward reads the prediction back (SM) or forgets it (binary);
                 # 0 at positions without a row (unmasked: SUBS's one-hot carry-over has H = 0)
                 ent = (x.new_zeros(x.numel(), dtype=logp.values.dtype).index_copy(

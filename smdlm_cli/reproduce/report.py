@@ -118,9 +118,9 @@ def _training(plan, record: dict) -> list[str]:
     return training_table(plan, record, "Validation ELBO is the bound in nats per token on held-out "
                           "stdlib files (the AR row: next-token NLL), at the first and the last "
                           "evaluation of the run; an SM run is evaluated with its soft-masking. ω_s "
-                          "is the learned scale at the end. SM steps and tokens are counted at the last step; a run "
-                          "trained before the trainer logged its last step off the log grid says "
-                          "at which step they were counted.")
+                          "is the learned scale at the end. SM steps and tokens are counted at the "
+                          "last step; a run trained before the trainer logged its last step off "
+                          "the log grid says at which step they were counted.")
 
 
 def _main_table(plan) -> list[str]:

@@ -4,8 +4,6 @@ Sudoku reproduction chain (smoke size) with its report and JSON figures read fro
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -173,14 +171,15 @@ def test_json_figures_are_computed_from_the_run_outputs(chain):
     assert figures["verdicts"] == counts
 
 
-def test_bad_sudoku_evaluations_are_one_line_errors(chain, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "smdlm_cli", "evaluate", "sudoku", *args],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def test_bad_sudoku_evaluations_are_one_line_errors(chain, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
 
+    from smdlm_cli.cli.app import app
+
+    monkeypatch.chdir(tmp_path)  # in-process (the CLI's error path is the same as a shell's)
     for args, message in ((["--ckpt", str(chain / "binary"), "--seeds", "0"], "--seeds 0"),
                           (["--ckpt", str(chain / "binary"), "--nfe", "0"], "--nfe 0"),
                           (["--ckpt", str(chain / "binary"), "--limit", "-1"], "--limit -1")):
-        r = run(*args)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+        r = CliRunner().invoke(app, ["evaluate", "sudoku", *args])
+        assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())

@@ -90,3 +90,6 @@ def test_compiled_decoding_samples_what_eager_decoding_samples(tmp_path, monkeyp
                                  "--compile", "--sampler", "confidence", "-o", "cache=prefix"])
     assert result.exit_code == 2 and "--compile with cache = prefix" in result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "x.jsonl").exists()
+    # lm-eval decodes through its own model wrapper: it does not offer a flag it would ignore
+    result = runner.invoke(app, ["evaluate", "lm-eval", "--tasks", "x", "--compile"])
+    assert result.exit_code == 2 and "No such option: --compile" in result.output

@@ -62,7 +62,7 @@ def test_continuations_start_from_the_base_on_equal_data(chain):
     assert s["sm-iso-update"]["steps"] == s["binary"]["steps"]
     assert s["sm-iso-compute"]["forwards"] == s["binary"]["forwards"]   # iso-compute
     assert s["sm-iso-compute"]["steps"] < s["binary"]["steps"]
-    for name in ("sm-iso-update", "sm-iso-compute"):  # counted at the last step, off the log grid too
+    for name in ("sm-iso-update", "sm-iso-compute"):  # the final validation record's counts
         assert s[name]["counted_at"] == s[name]["steps"]
         assert s[name]["forwards"] == s[name]["steps"] + s[name]["sm_steps"]
     ar = json.loads((chain / "ar" / "tokenizer" / "tokenizer.json").read_text())

@@ -19,7 +19,7 @@ evaluate_app = typer.Typer(name="evaluate", no_args_is_help=True, add_completion
                                 "lm-eval.")
 
 CODE_DECODING = ("ckpt", "nfe", "k", "sampler", "batch_size", "top_p", "temperature", "option",
-                 "seed", "sm_schedule", "exact", "device", "compile")
+                 "seed", "sm_schedule", "exact", "device")
 TEXT_DECODING = ("ckpt", "nfe", "k", "sampler", "num_samples", "batch_size", "length", "top_p",
                  "temperature", "option", "seed", "sm_schedule", "exact", "device", "compile")
 
@@ -58,7 +58,7 @@ def _code(task: str, *, decoding, samples, dataset, fmt, tests, limit, num_sampl
 
 
 @evaluate_app.command()
-@decoding(*CODE_DECODING, nfe=0)
+@decoding(*CODE_DECODING, "compile", nfe=0)
 def humaneval(samples: Samples = None, dataset: Dataset = None, fmt: Format = "base",
               limit: Limit = 0, num_samples: PerProblem = 1, pass_k: PassK = "1",
               max_new_tokens: MaxNew = 0, timeout: Timeout = 5.0, memory_mb: MemoryMb = 1024,
@@ -72,7 +72,7 @@ def humaneval(samples: Samples = None, dataset: Dataset = None, fmt: Format = "b
 
 
 @evaluate_app.command()
-@decoding(*CODE_DECODING, nfe=0)
+@decoding(*CODE_DECODING, "compile", nfe=0)
 def mbpp(samples: Samples = None, dataset: Dataset = None, fmt: Format = "base",
          tests: Tests = "3-assert", limit: Limit = 0, num_samples: PerProblem = 1,
          pass_k: PassK = "1", max_new_tokens: MaxNew = 0, timeout: Timeout = 5.0,

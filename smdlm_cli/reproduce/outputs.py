@@ -1,4 +1,5 @@
-"""Reading the outputs of a reproduction chain's training stages (metrics.jsonl, recipe.toml).
+"""Reading the outputs of a reproduction chain's training stages (metrics.jsonl, recipe.toml),
+and the line every report section writes for a stage that has not run.
 
 Every count comes from what the trainer recorded (steps, forwards, SM steps, tokens), never
 re-derived from the recipe.
@@ -10,6 +11,11 @@ import json
 from pathlib import Path
 
 from smdlm_cli.recipe import load_recipe
+
+
+def missing(stage: str) -> str:
+    """A report section's line for a stage (or stages) without outputs yet."""
+    return f"*Not run yet: stage `{stage}`.*\n"
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from smdlm_cli.commands import sweep
 from smdlm_cli.reproduce import stages as reproduce
-from smdlm_cli.reproduce.outputs import training_summary
+from smdlm_cli.reproduce.outputs import missing, training_summary
 from smdlm_cli.reproduce.report_entropy import entropy_section
 from smdlm_cli.reproduce.report_lambda import lambda_section
 from smdlm_cli.core.io import atomic_write_json, atomic_write_text, read_json
@@ -38,10 +38,6 @@ SWITCHED_ON = [
     ("feedback: sm-on, SM vs binary decoding", ("sm-on", "SM"), ("sm-on", "binary")),
 ]
 LOWER_IS_BETTER = {"genppl": True, "mauve": False}
-
-
-def _missing(stage: str) -> str:
-    return f"*Not run yet: stage `{stage}`.*\n"
 
 
 def _load_sweep(path: Path) -> dict | None:
@@ -216,7 +212,7 @@ def _comparisons(plan, figures: dict) -> list[str]:
     for sampler in plan.cfg.samplers:
         report = _load_sweep(plan.runs / f"sweep-{sampler}")
         if report is None:
-            lines.append(_missing(f"sweep-{sampler}"))
+            lines.append(missing(f"sweep-{sampler}"))
             continue
         lines += _verdicts(plan, report, sampler, COMPARISONS, tally, figures["verdicts"])
     return lines + _tally_line(tally, "an SM model")
@@ -234,7 +230,7 @@ def _switched_on(plan, figures: Path) -> list[str]:
              "as the main sweep; the binary row below is read from that sweep.", ""]
     mine, main = (_load_sweep(plan.runs / s) for s in ("sm-on-sweep", f"sweep-{sampler}"))
     if mine is None or main is None:
-        return lines + [_missing("sm-on-sweep" if mine is None else f"sweep-{sampler}")]
+        return lines + [missing("sm-on-sweep" if mine is None else f"sweep-{sampler}")]
     binary = _row(main, "binary", "binary")
     report = {**mine, "rows": [binary, *mine["rows"]] if binary else mine["rows"]}
     tally = {"better": 0, "worse": 0, "same": 0}
@@ -255,7 +251,7 @@ def _across_nfe(plan, figures: Path) -> list[str]:
     for sampler in plan.cfg.samplers:
         report = _load_sweep(plan.runs / f"sweep-{sampler}")
         if report is None:
-            lines.append(_missing(f"sweep-{sampler}"))
+            lines.append(missing(f"sweep-{sampler}"))
             continue
         png = figures / f"{Path(plan.cfg.report).stem}-{sampler}.png"
         lines += [f"### Sampler {sampler}", ""] + _figure_and_tables(report, png, sampler)

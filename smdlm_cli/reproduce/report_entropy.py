@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from smdlm_cli.core.io import read_json
 from smdlm_cli.reproduce import stages as reproduce
-from smdlm_cli.reproduce.outputs import training_summary
+from smdlm_cli.reproduce.outputs import missing, training_summary
 
 
 def entropy_section(plan, figures: dict) -> list[str]:
@@ -19,7 +19,7 @@ def entropy_section(plan, figures: dict) -> list[str]:
     lines = ["## Is this a regime where λ can act?", ""]
     file = plan.runs / "lambda" / "base.json"
     if not file.is_file():
-        return lines + ["*Not run yet: stage `entropy`.*\n"]
+        return lines + [missing("entropy")]
     d = read_json(file)["decode"]
     h = d["entropy_fed_back_median"]
     figures["median_fed_back_entropy"] = h

@@ -16,6 +16,7 @@ from pathlib import Path
 from smdlm_cli.core.io import atomic_write_json, atomic_write_text, read_json
 from smdlm_cli.evals.report import save_figure
 from smdlm_cli.reproduce import sudoku_stages as plan_mod
+from smdlm_cli.reproduce.outputs import missing
 from smdlm_cli.reproduce.report import commands_section, header, omega_figures, training_table
 
 SM_ROW, BINARY_ROW = "sm-iso-update · SM", "binary · binary"
@@ -46,7 +47,7 @@ def _entropy(plan, figures: dict) -> list[str]:
     rep = _read(plan.runs / "entropy" / "base.json")
     lines = ["## How sure is the base model where soft-masking acts?", ""]
     if rep is None:
-        return lines + ["*Not run yet: stage `entropy`.*", ""]
+        return lines + [missing("entropy")]
     r = rep["results"][0]
     fb = r.get("fed_back") or {}
     h, h_all = fb.get("entropy_median_blanks"), fb.get("entropy_median")
@@ -81,7 +82,7 @@ def _table(plan, figures: dict) -> list[str]:
     for sampler in plan.cfg.samplers:
         res = _results(plan, sampler)
         if not res:
-            lines += [f"**{sampler} sampler**", "", f"*Not run yet: stage `solve-{sampler}`.*", ""]
+            lines += [f"**{sampler} sampler**", "", missing(f"solve-{sampler}")]
             continue
         nfes = sorted({n for r in res.values() for n in r})
         for metric, what in METRICS.items():
